@@ -1,0 +1,254 @@
+"""The ``edgeml`` command: a thin layer over the library (see docs/cli.md for exit codes)."""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+import click
+
+from .errors import AccuracyGoalNotMet, EdgemlError
+
+log = logging.getLogger("edgeml")
+json_option = click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout, nothing else.")
+
+
+def _emit(obj) -> None:
+    click.echo(json.dumps(obj, indent=None, sort_keys=False, default=str))
+
+
+def _console():
+    from rich.console import Console
+
+    return Console(stderr=True)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="edgeml")
+@click.option("-v", "--verbose", count=True, help="More log output on stderr (-vv for debug).")
+def cli(verbose: int) -> None:
+    """Optimize, sign, inspect and measure models for small devices."""
+    level = logging.WARNING - 10 * min(verbose, 2)
+    logging.basicConfig(level=level, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
+
+
+@cli.group()
+def keys() -> None:
+    """Manage Ed25519 signing keys."""
+
+
+@keys.command("generate")
+@click.option("--out", "out_dir", type=click.Path(path_type=Path), default=Path("keys"), show_default=True,
+              help="Folder for signing.key and signing.pub.")
+@click.option("--force", is_flag=True, help="Replace existing key files.")
+@json_option
+def keys_generate(out_dir: Path, force: bool, as_json: bool) -> None:
+    """Write a new signing key pair (signing.key stays on the build machine)."""
+    from .signing import generate_keys, key_id, load_public_key
+
+    private, public = generate_keys(out_dir, force=force)
+    info = {"ok": True, "private_key": str(private), "public_key": str(public),
+            "key_id": key_id(load_public_key(public))}
+    if as_json:
+        _emit(info)
+    else:
+        click.echo(f"wrote {private} (keep it secret) and {public} (give it to devices); key id {info['key_id']}")
+
+
+@cli.command()
+@click.argument("model", type=click.Path(path_type=Path))
+@click.option("-o", "--output", type=click.Path(path_type=Path), required=True, help="The .edgeml file to write.")
+@click.option("--key", type=click.Path(path_type=Path), help="Private signing key (edgeml keys generate).")
+@click.option("--recipe", default="auto", show_default=True,
+              type=click.Choice(["auto", "fp32", "float16", "dynamic", "int8"]), help="What to build.")
+@click.option("--format", "fmt", type=click.Choice(["tflite", "onnx"]),
+              help="Model format in the artifact [default: tflite for Keras/SavedModel, onnx for ONNX].")
+@click.option("--calibration", help="Calibration data: a .npz or module:function (needed by int8).")
+@click.option("--eval", "eval_data", help="Evaluation data: a .npz or module:function; 'y' holds labels.")
+@click.option("--max-accuracy-drop", type=float, default=0.01, show_default=True,
+              help="Largest accepted drop (0.01 = one point of accuracy or 1% disagreement).")
+@click.option("--name", help="Artifact name [default: the model file's stem].")
+@click.option("--version", "version", type=int, default=1, show_default=True, help="Artifact version (monotonic).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed for data sampling.")
+@click.option("--calibration-samples", type=int, default=300, show_default=True)
+@click.option("--eval-samples", type=int, default=1000, show_default=True)
+@click.option("--latency-runs", type=int, default=50, show_default=True)
+@click.option("--labels", type=click.Path(path_type=Path), help="Text file with one class label per line.")
+@click.option("--preprocessing", type=click.Path(path_type=Path), help="JSON describing input preprocessing.")
+@click.option("--no-plot", is_flag=True, help="Do not write the candidates plot.")
+@json_option
+def optimize(model, output, key, recipe, fmt, calibration, eval_data, max_accuracy_drop, name, version, seed,
+             calibration_samples, eval_samples, latency_runs, labels, preprocessing, no_plot, as_json) -> None:
+    """Turn MODEL (.keras, SavedModel dir or .onnx) into a signed, measured artifact."""
+    from .config import OptimizeConfig
+    from .optimize import optimize as run_optimize
+    from .report import candidates_table
+
+    config = OptimizeConfig(model=model, output=output, key=key, recipe=recipe, format=fmt,
+                            calibration=calibration, eval=eval_data, max_accuracy_drop=max_accuracy_drop,
+                            name=name, version=version, seed=seed, calibration_samples=calibration_samples,
+                            eval_samples=eval_samples, latency_runs=latency_runs, labels=labels,
+                            preprocessing=preprocessing, plot=not no_plot)
+    console = _console()
+    try:
+        with _progress(console) as step:
+            result = run_optimize(config, on_step=step)
+    except AccuracyGoalNotMet as exc:
+        if exc.result is not None:
+            _show_result(exc.result, as_json, console, candidates_table)
+        raise
+    _show_result(result, as_json, console, candidates_table)
+
+
+def _show_result(result, as_json, console, candidates_table) -> None:
+    if as_json:
+        _emit(result.to_dict())
+        return
+    from rich.console import Console
+
+    out = Console()
+    out.print(candidates_table(result))
+    c = result.chosen
+    out.print(f"kept [bold]{c.recipe}[/]: {c.bytes} bytes, drop {c.quality.drop:.4f} "
+              f"({c.quality.drop_kind}), median {c.latency.median_ms:.3f} ms -> {result.artifact}")
+    if result.plot:
+        out.print(f"plot: {result.plot}")
+
+
+class _progress:
+    """A spinner with the current step on stderr; quiet when stderr is not a terminal."""
+
+    def __init__(self, console):
+        self.console = console
+        self.progress = None
+
+    def __enter__(self):
+        from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+        self.progress = Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(),
+                                 console=self.console, transient=True)
+        self.progress.__enter__()
+        self.task = None
+
+        def step(description: str) -> None:
+            if self.task is not None:
+                self.progress.update(self.task, completed=1)
+                self.progress.stop_task(self.task)
+            self.task = self.progress.add_task(description, total=1)
+            if not self.console.is_terminal:
+                print(f"... {description}", file=sys.stderr)
+
+        return step
+
+    def __exit__(self, *exc):
+        return self.progress.__exit__(*exc)
+
+
+@cli.command()
+@click.argument("artifact", type=click.Path(path_type=Path))
+@json_option
+def inspect(artifact: Path, as_json: bool) -> None:
+    """Show what an artifact holds (integrity checked; use verify for the signature)."""
+    from .describe import describe
+
+    info = describe(artifact)
+    if as_json:
+        _emit(info)
+        return
+    from .describe import render
+
+    render(info)
+
+
+@cli.command()
+@click.argument("artifact", type=click.Path(path_type=Path))
+@click.option("--public-key", type=click.Path(path_type=Path), required=True, help="signing.pub of the signer.")
+@click.option("--no-selftest", is_flag=True, help="Only check the signature and hashes.")
+@json_option
+def verify(artifact: Path, public_key: Path, no_selftest: bool, as_json: bool) -> None:
+    """Check an artifact's signature, every member's hash, and its self-test."""
+    from .artifact import verify_artifact
+    from .errors import VerificationError
+    from .selftest import run_selftest
+
+    art = verify_artifact(artifact, public_key)
+    info = {"ok": True, "artifact": str(artifact), "name": art.manifest["name"], "version": art.manifest["version"],
+            "key_id": art.key_id, "signature": "valid", "selftest": None}
+    if not no_selftest:
+        st = run_selftest(art)
+        info["selftest"] = st.to_dict()
+        if not st.ok:
+            raise VerificationError(
+                f"self-test failed on output '{st.failed_output}': max error {st.max_abs_error:.3g} > {st.atol:.3g}; "
+                "the model does not reproduce its reference outputs on this machine's runtime")
+    if as_json:
+        _emit(info)
+    else:
+        extra = "" if no_selftest else f"; self-test passed ({info['selftest']['samples']} samples)"
+        click.echo(f"OK: {info['name']} v{info['version']} signed by key {art.key_id}, every member intact{extra}")
+
+
+@cli.command()
+@click.argument("artifact", type=click.Path(path_type=Path))
+@click.option("--data", required=True, help="A .npz or module:function; 'y' holds labels.")
+@click.option("--public-key", type=click.Path(path_type=Path), help="Also verify the signature.")
+@click.option("--runs", type=int, default=100, show_default=True, help="Timed single-sample runs.")
+@click.option("--samples", type=int, default=1000, show_default=True, help="At most this many samples (seeded).")
+@json_option
+def bench(artifact: Path, data: str, public_key, runs: int, samples: int, as_json: bool) -> None:
+    """Measure an artifact with the device's runtime: accuracy, latency, bytes."""
+    from .bench import bench as run_bench
+
+    result = run_bench(artifact, data, public_key=public_key, runs=runs, samples=samples)
+    if as_json:
+        _emit({"ok": True, **result})
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"{result['name']} v{result['version']} on {result['runtime']} (1 thread)")
+    for col in ("model bytes", "file bytes", "accuracy", "median ms", "p95 ms", "runs", "self-test"):
+        table.add_column(col, justify="right")
+    lat = result["latency_ms"]
+    acc = "-" if result["accuracy"] is None else f"{result['accuracy']:.4f}"
+    table.add_row(str(result["model_bytes"]), str(result["file_bytes"]), acc, f"{lat['median_ms']:.3f}",
+                  f"{lat['p95_ms']:.3f}", str(lat["runs"]), "pass" if result["selftest"]["ok"] else "FAIL")
+    Console().print(table)
+
+
+def main(argv=None) -> int:
+    """Entry point: runs the CLI and turns every error into one line and an exit code."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # TensorFlow's C++ logs are noise to a user
+    argv = list(sys.argv[1:] if argv is None else argv)
+    as_json = "--json" in argv
+    try:
+        cli.main(args=argv, prog_name="edgeml", standalone_mode=False)
+        return 0
+    except click.exceptions.Exit as exc:
+        return exc.exit_code
+    except click.ClickException as exc:
+        exc.show()
+        if as_json:
+            _emit({"ok": False, "error": {"type": "UsageError", "message": exc.format_message(), "exit_code": exc.exit_code}})
+        return exc.exit_code
+    except click.exceptions.Abort:
+        click.echo("aborted", err=True)
+        return 130
+    except EdgemlError as exc:
+        click.echo(f"error: {exc}", err=True)
+        if as_json and not isinstance(exc, AccuracyGoalNotMet):
+            _emit({"ok": False, "error": {"type": type(exc).__name__, "message": str(exc), "exit_code": exc.exit_code}})
+        return exc.exit_code
+    except KeyboardInterrupt:
+        click.echo("interrupted", err=True)
+        return 130
+    except Exception as exc:  # a bug: say so in one line, keep the traceback for -vv
+        log.debug("internal error", exc_info=True)
+        click.echo(f"internal error: {type(exc).__name__}: {exc} (run with -vv for a traceback; please report it)", err=True)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

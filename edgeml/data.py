@@ -1,0 +1,216 @@
+"""Calibration and evaluation data: ``.npz`` files or ``module:function`` iterables of input dicts.
+
+A data source yields dicts mapping input names to batched arrays (an optional ``y`` holds
+labels), like ONNX Runtime's CalibrationDataReader. Sampling is seeded and described in
+``Dataset.provenance`` so a run can be repeated exactly.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib
+import sys
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, Iterable, Iterator, List, Optional, Sequence
+
+import numpy as np
+
+from .errors import DataError, InputError
+from .specs import TensorSpec
+
+LABEL_KEY = "y"
+SINGLE_INPUT_KEY = "x"
+
+
+@dataclass
+class Dataset:
+    """Samples held in memory: ``inputs[name]`` has the sample axis first."""
+
+    inputs: Dict[str, np.ndarray]
+    labels: Optional[np.ndarray] = None
+    provenance: dict = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(next(iter(self.inputs.values()))) if self.inputs else 0
+
+    def batches(self, batch_size: int) -> Iterator[Dict[str, np.ndarray]]:
+        for start in range(0, len(self), batch_size):
+            yield {k: v[start : start + batch_size] for k, v in self.inputs.items()}
+
+    def take(self, indices: Sequence[int]) -> "Dataset":
+        idx = np.asarray(indices, dtype=np.int64)
+        return Dataset(
+            {k: v[idx] for k, v in self.inputs.items()},
+            None if self.labels is None else self.labels[idx],
+            dict(self.provenance),
+        )
+
+    def head(self, n: int) -> "Dataset":
+        return self.take(range(min(n, len(self))))
+
+
+def load_data(spec: str, *, limit: Optional[int] = None, seed: int = 0, role: str = "data") -> Dataset:
+    """Load ``spec`` (a .npz path or ``module:function``); keep at most ``limit`` samples.
+
+    When there are more samples than ``limit``, a seeded random subset is kept (in source order).
+    """
+    path = Path(spec)
+    if path.suffix == ".npz" or path.exists():
+        dataset = _load_npz(path, role)
+    elif ":" in spec:
+        dataset = _load_callable(spec, limit=limit, seed=seed, role=role)
+    else:
+        raise InputError(
+            f"{role} file not found: {spec}; pass a .npz file or module:function"
+        )
+    return _sample(dataset, limit, seed)
+
+
+def _load_npz(path: Path, role: str) -> Dataset:
+    if not path.is_file():
+        raise InputError(f"{role} file not found: {path}")
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            arrays = {k: npz[k] for k in npz.files}
+    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as exc:
+        raise InputError(
+            f"cannot read {role} file {path} as .npz ({exc}); save it with numpy.savez"
+        ) from exc
+    labels = arrays.pop(LABEL_KEY, None)
+    if not arrays:
+        raise DataError(f"{role} file {path} holds no input arrays; add one array per model input")
+    dataset = Dataset(arrays, labels, {"source": str(path), "sha256": _sha256_file(path)})
+    _check_lengths(dataset, str(path), role)
+    return dataset
+
+
+def _load_callable(spec: str, *, limit, seed, role) -> Dataset:
+    module_name, _, func_name = spec.partition(":")
+    try:
+        if "" not in sys.path and "." not in sys.path:
+            sys.path.insert(0, "")  # so a module next to the user's data is found, as with python -m
+        func = getattr(importlib.import_module(module_name), func_name)
+    except (ImportError, AttributeError) as exc:
+        raise InputError(f"cannot load {role} source {spec}: {exc}") from exc
+    try:
+        stream = func()
+    except Exception as exc:
+        raise DataError(f"{role} source {spec} raised {type(exc).__name__}: {exc}") from exc
+    dataset = _collect(stream, spec, role, limit=limit, seed=seed)
+    dataset.provenance = {"source": spec, **dataset.provenance}
+    return dataset
+
+
+def _collect(stream: Iterable[dict], spec: str, role: str, *, limit, seed) -> Dataset:
+    """Read batches from an iterable; keep a seeded reservoir sample when ``limit`` is set."""
+    rng = np.random.default_rng(seed)
+    kept: List[tuple] = []  # (position, sample dict)
+    seen = 0
+    keys = None
+    for batch in stream:
+        if not isinstance(batch, dict) or not batch:
+            raise DataError(f"{role} source {spec} must yield dicts of arrays, got {type(batch).__name__}")
+        arrays = {k: np.asarray(v) for k, v in batch.items()}
+        if keys is None:
+            keys = sorted(arrays)
+        elif sorted(arrays) != keys:
+            raise DataError(f"{role} source {spec} yielded batches with different keys: {keys} vs {sorted(arrays)}")
+        n = len(next(iter(arrays.values())))
+        for i in range(n):
+            sample = {k: v[i] for k, v in arrays.items()}
+            if limit is None or len(kept) < limit:
+                kept.append((seen, sample))
+            else:
+                j = int(rng.integers(0, seen + 1))
+                if j < limit:
+                    kept[j] = (seen, sample)
+            seen += 1
+    if not kept:
+        raise DataError(f"{role} source {spec} yielded no samples")
+    kept.sort(key=lambda t: t[0])
+    stacked = {k: np.stack([s[k] for _, s in kept]) for k in keys}
+    labels = stacked.pop(LABEL_KEY, None)
+    return Dataset(stacked, labels, {"streamed_samples": seen})
+
+
+def _sample(dataset: Dataset, limit: Optional[int], seed: int) -> Dataset:
+    n = len(dataset)
+    prov = dict(dataset.provenance)
+    if limit is not None and n > limit:
+        idx = np.sort(np.random.default_rng(seed).choice(n, size=limit, replace=False))
+        dataset = dataset.take(idx)
+        prov["indices_sha256"] = hashlib.sha256(idx.astype("<i8").tobytes()).hexdigest()
+    prov.update({"samples": len(dataset), "seed": seed, "limit": limit})
+    dataset.provenance = prov
+    return dataset
+
+
+def _check_lengths(dataset: Dataset, where: str, role: str) -> None:
+    lengths = {k: len(v) for k, v in dataset.inputs.items() if np.ndim(v) > 0}
+    if dataset.labels is not None:
+        lengths[LABEL_KEY] = len(dataset.labels)
+    if len(set(lengths.values())) > 1 or len(lengths) < len(dataset.inputs):
+        raise DataError(f"{role} arrays in {where} have different sample counts: {lengths}")
+
+
+def match_inputs(dataset: Dataset, specs: Sequence[TensorSpec], role: str = "data") -> Dataset:
+    """Check names, shapes and dtypes against the model's inputs; return data keyed by input name.
+
+    A single-input model also takes an array named ``x``. Integer data fed to a float input and
+    float64 data fed to float32 are converted; anything else that differs is an error.
+    """
+    arrays = dict(dataset.inputs)
+    names = [s.name for s in specs]
+    if len(specs) == 1 and SINGLE_INPUT_KEY in arrays and names[0] not in arrays:
+        arrays[names[0]] = arrays.pop(SINGLE_INPUT_KEY)
+    missing = [n for n in names if n not in arrays]
+    extra = [k for k in arrays if k not in names]
+    if missing or extra:
+        hint = " (or 'x' for a single-input model)" if len(specs) == 1 else ""
+        raise DataError(
+            f"{role} data has arrays {sorted(dataset.inputs)} but the model's inputs are {names}; "
+            f"name one array per model input{hint}"
+        )
+    out = {}
+    for spec in specs:
+        out[spec.name] = _conform(arrays[spec.name], spec, role)
+    return Dataset(out, dataset.labels, dataset.provenance)
+
+
+def _conform(x: np.ndarray, spec: TensorSpec, role: str) -> np.ndarray:
+    want = spec.shape[1:] if spec.shape else ()
+    got = x.shape[1:]
+    if len(want) != len(got) or any(w is not None and w != g for w, g in zip(want, got)):
+        shown = ",".join("?" if w is None else str(w) for w in want)
+        raise DataError(
+            f"{role} array '{spec.name}' has samples of shape {tuple(got)} but the model expects "
+            f"({shown}); reshape the data to match"
+        )
+    target = np.dtype(spec.dtype)
+    if x.dtype == target:
+        return x
+    float_ok = target.kind == "f" and x.dtype.kind in "fiub"
+    int_ok = target.kind in "iu" and x.dtype.kind in "iu" and np.can_cast(x.dtype, target, "same_kind")
+    if float_ok or int_ok:
+        return x.astype(target)
+    raise DataError(
+        f"{role} array '{spec.name}' has dtype {x.dtype} but the model expects {target}; "
+        f"convert it with .astype('{target}')"
+    )
+
+
+def _sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def save_npz(path, inputs: Dict[str, np.ndarray], labels: Optional[np.ndarray] = None) -> None:
+    """Write a data file edgeml reads back (one array per input, optional labels)."""
+    arrays = dict(inputs)
+    if labels is not None:
+        arrays[LABEL_KEY] = labels
+    np.savez(path, **arrays)

@@ -1,0 +1,160 @@
+"""Run a model file with the runtime a device uses: LiteRT for .tflite, ONNX Runtime for .onnx.
+
+Light on purpose (numpy plus the runtime, imported lazily): the device agent uses it too, so it
+must never import tensorflow. Callers always pass and receive float arrays for quantized
+tensors; the runner applies each tensor's scale and zero point.
+"""
+from __future__ import annotations
+
+from typing import Dict, List
+
+import numpy as np
+
+from .errors import InputError, UnsupportedModelError
+from .specs import TensorSpec
+
+FORMATS = ("tflite", "onnx")
+
+
+def _litert_interpreter_class():
+    try:
+        from ai_edge_litert.interpreter import Interpreter
+    except ImportError:
+        try:  # older devices ship only the deprecated tflite-runtime wheel
+            from tflite_runtime.interpreter import Interpreter
+        except ImportError as exc:
+            raise UnsupportedModelError(
+                "no LiteRT runtime installed; pip install ai-edge-litert to run .tflite models"
+            ) from exc
+    return Interpreter
+
+
+def quantize(x: np.ndarray, spec: TensorSpec) -> np.ndarray:
+    """Float array -> the integer dtype of a quantized tensor (round, clip)."""
+    info = np.iinfo(spec.dtype)
+    q = np.round(np.asarray(x, np.float32) / spec.scale) + spec.zero_point
+    return np.clip(q, info.min, info.max).astype(spec.dtype)
+
+
+def dequantize(q: np.ndarray, spec: TensorSpec) -> np.ndarray:
+    return (q.astype(np.float32) - spec.zero_point) * np.float32(spec.scale)
+
+
+def _is_quantized(spec: TensorSpec) -> bool:
+    return spec.scale is not None and np.issubdtype(np.dtype(spec.dtype), np.integer)
+
+
+class Runner:
+    """A loaded model: ``inputs``/``outputs`` describe it, ``run(feed)`` runs one batch."""
+
+    format: str
+    inputs: List[TensorSpec]
+    outputs: List[TensorSpec]
+
+    def run(self, feed: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:  # pragma: no cover
+        raise NotImplementedError
+
+    def feed_specs(self) -> List[TensorSpec]:
+        """The inputs as callers feed them: float32 in place of quantized integer tensors."""
+        return [
+            TensorSpec(s.name, "float32", s.shape) if _is_quantized(s) else s for s in self.inputs
+        ]
+
+
+class TFLiteRunner(Runner):
+    format = "tflite"
+
+    def __init__(self, model: bytes, num_threads: int = 1):
+        Interpreter = _litert_interpreter_class()
+        try:
+            self._interp = Interpreter(model_content=model, num_threads=num_threads)
+        except (ValueError, RuntimeError) as exc:
+            raise UnsupportedModelError(f"LiteRT cannot load this model: {_first_line(exc)}") from exc
+        sigs = self._interp.get_signature_list()
+        if not sigs:
+            raise UnsupportedModelError(
+                "the .tflite model has no signature; convert it with a serving signature"
+            )
+        self._runner = self._interp.get_signature_runner(next(iter(sigs)))
+        self.inputs = [_tfl_spec(n, d) for n, d in self._runner.get_input_details().items()]
+        self.outputs = [_tfl_spec(n, d) for n, d in self._runner.get_output_details().items()]
+
+    def run(self, feed):
+        args = {}
+        for spec in self.inputs:
+            x = feed[spec.name]
+            args[spec.name] = quantize(x, spec) if _is_quantized(spec) else np.asarray(x, spec.dtype)
+        out = self._runner(**args)
+        result = {}
+        for spec in self.outputs:
+            y = out[spec.name]
+            result[spec.name] = dequantize(y, spec) if _is_quantized(spec) else y
+        return result
+
+
+def _tfl_spec(name: str, d: dict) -> TensorSpec:
+    shape = tuple(None if s < 0 else int(s) for s in d["shape_signature"])
+    scale, zp = d["quantization"]
+    quant = np.issubdtype(np.dtype(d["dtype"]), np.integer) and scale != 0.0
+    return TensorSpec(
+        name=name,
+        dtype=np.dtype(d["dtype"]).name,
+        shape=shape,
+        scale=float(scale) if quant else None,
+        zero_point=int(zp) if quant else None,
+    )
+
+
+_ORT_TYPES = {
+    "tensor(float)": "float32", "tensor(float16)": "float16", "tensor(double)": "float64",
+    "tensor(int64)": "int64", "tensor(int32)": "int32", "tensor(int16)": "int16",
+    "tensor(int8)": "int8", "tensor(uint8)": "uint8", "tensor(bool)": "bool",
+}
+
+
+class OnnxRunner(Runner):
+    format = "onnx"
+
+    def __init__(self, model: bytes, num_threads: int = 1):
+        import onnxruntime as ort
+
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = num_threads
+        opts.inter_op_num_threads = 1
+        opts.log_severity_level = 3
+        try:
+            self._sess = ort.InferenceSession(model, opts, providers=["CPUExecutionProvider"])
+        except Exception as exc:  # ORT raises its own untyped exceptions
+            msg = _first_line(exc)
+            if "NOT_IMPLEMENTED" in msg or "implementation" in msg.lower():
+                raise UnsupportedModelError(f"ONNX Runtime has no kernel for an op: {msg}") from exc
+            raise InputError(f"ONNX Runtime cannot load this model: {msg}") from exc
+        self.inputs = [_ort_spec(i) for i in self._sess.get_inputs()]
+        self.outputs = [_ort_spec(o) for o in self._sess.get_outputs()]
+
+    def run(self, feed):
+        args = {s.name: np.asarray(feed[s.name], s.dtype) for s in self.inputs}
+        values = self._sess.run(None, args)
+        return {s.name: v for s, v in zip(self.outputs, values)}
+
+
+def _ort_spec(arg) -> TensorSpec:
+    shape = tuple(d if isinstance(d, int) and d >= 0 else None for d in (arg.shape or []))
+    return TensorSpec(name=arg.name, dtype=_ORT_TYPES.get(arg.type, arg.type), shape=shape)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip() or type(exc).__name__
+    return text.splitlines()[0][:300]
+
+
+_RUNNERS = {"tflite": TFLiteRunner, "onnx": OnnxRunner}
+
+
+def load_runner(model: bytes, fmt: str, num_threads: int = 1) -> Runner:
+    """Load ``model`` (bytes of a .tflite or .onnx file) with the device's runtime."""
+    try:
+        cls = _RUNNERS[fmt]
+    except KeyError:
+        raise InputError(f"unknown model format {fmt!r}; expected one of {', '.join(FORMATS)}") from None
+    return cls(model, num_threads=num_threads)

@@ -1,0 +1,55 @@
+"""Baseline input statistics, per feature or channel, so a device can measure drift.
+
+Standard library and numpy only: the device computes the same figures on live inputs.
+"""
+from __future__ import annotations
+
+from typing import Dict
+
+import numpy as np
+
+QUANTILES = (0.01, 0.05, 0.1, 0.25, 0.5, 0.75, 0.9, 0.95, 0.99)
+MAX_CHANNELS = 256  # above this, one summary for the whole tensor keeps the file small
+
+
+def channel_axis(shape) -> int | None:
+    """The per-sample axis statistics are kept for: channels of images, features of vectors."""
+    rank = len(shape)
+    if rank == 0:
+        return None
+    if rank == 3:  # [H, W, C] or [C, H, W]: channels are the short side
+        return 0 if shape[0] < shape[-1] else rank - 1
+    return rank - 1
+
+
+def summarize(values: np.ndarray) -> dict:
+    v = np.asarray(values, dtype=np.float64).ravel()
+    v = v[np.isfinite(v)]
+    if v.size == 0:
+        return {"count": 0}
+    return {
+        "count": int(v.size),
+        "mean": float(v.mean()),
+        "std": float(v.std()),
+        "min": float(v.min()),
+        "max": float(v.max()),
+        "quantiles": [float(q) for q in np.quantile(v, QUANTILES)],
+    }
+
+
+def baseline_stats(inputs: Dict[str, np.ndarray]) -> dict:
+    """{input name: {"axis": per-sample axis or None, "channels": [summary, ...]}}."""
+    result = {"quantile_levels": list(QUANTILES), "inputs": {}}
+    for name, x in inputs.items():
+        x = np.asarray(x)
+        axis = channel_axis(x.shape[1:])
+        if axis is None or x.shape[1 + axis] > MAX_CHANNELS:
+            result["inputs"][name] = {"axis": None, "samples": int(len(x)), "channels": [summarize(x)]}
+            continue
+        moved = np.moveaxis(x, 1 + axis, -1).reshape(-1, x.shape[1 + axis])
+        result["inputs"][name] = {
+            "axis": axis,
+            "samples": int(len(x)),
+            "channels": [summarize(moved[:, c]) for c in range(moved.shape[1])],
+        }
+    return result

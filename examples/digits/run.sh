@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# The whole path on a small real task: train, make keys, optimize, inspect, verify, bench,
+# and check the artifact the way a device will. Run from the repository root (make quickstart).
+set -euo pipefail
+BIN=${BIN:-.venv/bin}
+OUT=${OUT:-build/quickstart}
+
+"$BIN/python" examples/digits/train.py --out "$OUT"
+[ -f "$OUT/keys/signing.key" ] || "$BIN/edgeml" keys generate --out "$OUT/keys"
+"$BIN/edgeml" optimize "$OUT/digits.keras" -o "$OUT/digits.edgeml" \
+    --calibration "$OUT/calib.npz" --eval "$OUT/eval.npz" --labels "$OUT/labels.txt" \
+    --recipe auto --max-accuracy-drop 0.01 --key "$OUT/keys/signing.key" --name digits --version 1
+"$BIN/edgeml" inspect "$OUT/digits.edgeml"
+"$BIN/edgeml" verify "$OUT/digits.edgeml" --public-key "$OUT/keys/signing.pub"
+"$BIN/edgeml" bench "$OUT/digits.edgeml" --data "$OUT/eval.npz"
+"$BIN/edgeml-agent" check "$OUT/digits.edgeml" --public-key "$OUT/keys/signing.pub"
+echo "quickstart done: artifact $OUT/digits.edgeml, plot $OUT/digits.candidates.png"

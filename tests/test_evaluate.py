@@ -1,0 +1,70 @@
+"""Comparison with the float model, latency figures, and how auto picks a candidate."""
+from types import SimpleNamespace as NS
+
+import numpy as np
+import pytest
+
+from edgeml.choose import choose, frontier
+from edgeml.data import Dataset
+from edgeml.errors import DataError
+from edgeml.evaluate import compare, measure_latency
+from edgeml.stats import baseline_stats
+
+
+def test_compare_with_labels_reports_accuracy_drop():
+    ref = {"p": np.eye(4, dtype=np.float32)[[0, 1, 2, 3, 0, 1, 2, 3]]}
+    cand = {"p": ref["p"].copy()}
+    cand["p"][0] = [0, 1, 0, 0]  # one prediction changes
+    labels = np.array([0, 1, 2, 3, 0, 1, 2, 3])
+    q = compare(ref, cand, labels)
+    assert q.accuracy == pytest.approx(7 / 8) and q.drop == pytest.approx(1 / 8)
+    assert q.agreement == pytest.approx(7 / 8) and q.drop_kind == "accuracy"
+
+
+def test_compare_without_labels_uses_agreement_then_cosine():
+    ref = {"p": np.array([[0.9, 0.1], [0.2, 0.8]], np.float32)}
+    q = compare(ref, {"p": np.array([[0.1, 0.9], [0.2, 0.8]], np.float32)})
+    assert q.drop_kind == "agreement" and q.drop == pytest.approx(0.5)
+    reg = {"v": np.array([[1.0], [2.0], [3.0], [4.0]])}
+    q = compare(reg, {"v": np.array([[1.0], [2.0], [3.0], [4.1]])})
+    assert q.drop_kind == "cosine" and 0 < q.drop < 1e-3 and q.max_abs_error == pytest.approx(0.1)
+
+
+def test_labels_for_a_non_classifier_are_refused():
+    with pytest.raises(DataError, match="not class scores"):
+        compare({"v": np.zeros((3, 1))}, {"v": np.zeros((3, 1))}, np.zeros(3))
+
+
+def test_latency_is_measured_on_single_samples():
+    seen = []
+    ds = Dataset({"x": np.arange(40, dtype=np.float32).reshape(20, 2)})
+    lat = measure_latency(lambda feed: seen.append(feed["x"].shape) or {}, ds, warmup=2, runs=12)
+    assert lat.runs == 12 and lat.median_ms >= 0 and lat.p95_ms >= lat.median_ms
+    assert set(seen) == {(1, 2)}
+
+
+def _m(name, size, ms, drop):
+    return NS(recipe=name, bytes=size, latency=NS(median_ms=ms), quality=NS(drop=drop))
+
+
+def test_choose_prefers_small_then_fast_within_goal():
+    fp32, f16, dyn, int8 = _m("fp32", 400, 1.0, 0), _m("float16", 200, 1.0, 0), _m("dynamic", 105, 1.5, 0.002), _m("int8", 100, 0.5, 0.004)
+    assert choose([f16, dyn, int8], 0.01) == (int8, True)
+    assert choose([f16, dyn, int8], 0.003)[0] is dyn
+    assert choose([f16, dyn, int8], 0.0)[0] is f16
+    best, ok = choose([dyn, int8], 0.001)
+    assert best is dyn and ok is False
+    assert set(m.recipe for m in frontier([fp32, f16, dyn, int8])) == {"float16", "dynamic", "int8"}
+
+
+def test_baseline_stats_per_channel_and_per_feature():
+    rng = np.random.default_rng(0)
+    img = rng.normal(size=(50, 4, 4, 3)) + np.array([0.0, 5.0, -5.0])
+    stats = baseline_stats({"img": img, "vec": rng.random((50, 7)), "seq": rng.random((50, 1000))})
+    chans = stats["inputs"]["img"]["channels"]
+    assert stats["inputs"]["img"]["axis"] == 2 and len(chans) == 3
+    assert chans[1]["mean"] == pytest.approx(5.0, abs=0.2) and chans[2]["mean"] == pytest.approx(-5.0, abs=0.2)
+    assert len(stats["inputs"]["vec"]["channels"]) == 7
+    assert stats["inputs"]["seq"]["axis"] is None and stats["inputs"]["seq"]["channels"][0]["count"] == 50000
+    nchw = baseline_stats({"x": rng.random((10, 3, 16, 16))})["inputs"]["x"]
+    assert nchw["axis"] == 0 and len(nchw["channels"]) == 3
