@@ -24,10 +24,10 @@ def __getattr__(name):
     # Lazy re-exports keep `import edgeml` fast and free of numpy-heavy imports.
     lazy = {
         "OptimizeConfig": ("edgeml.config", "OptimizeConfig"),
-        "optimize": ("edgeml.optimize", "optimize"),
-        "OptimizeResult": ("edgeml.optimize", "OptimizeResult"),
-        "bench": ("edgeml.bench", "bench"),
-        "describe": ("edgeml.describe", "describe"),
+        "optimize": ("edgeml.optimizer", "optimize"),
+        "OptimizeResult": ("edgeml.optimizer", "OptimizeResult"),
+        "bench": ("edgeml.artifact_bench", "bench"),
+        "describe": ("edgeml.inspection", "describe"),
         "generate_keys": ("edgeml.signing", "generate_keys"),
         "read_artifact": ("edgeml.artifact", "read_artifact"),
         "verify_artifact": ("edgeml.artifact", "verify_artifact"),

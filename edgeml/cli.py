@@ -83,7 +83,7 @@ def optimize(model, output, key, recipe, fmt, calibration, eval_data, max_accura
              calibration_samples, eval_samples, latency_runs, labels, preprocessing, no_plot, as_json) -> None:
     """Turn MODEL (.keras, SavedModel dir or .onnx) into a signed, measured artifact."""
     from .config import OptimizeConfig
-    from .optimize import optimize as run_optimize
+    from .optimizer import optimize as run_optimize
     from .report import candidates_table
 
     config = OptimizeConfig(model=model, output=output, key=key, recipe=recipe, format=fmt,
@@ -125,6 +125,8 @@ class _progress:
         self.progress = None
 
     def __enter__(self):
+        if not self.console.is_terminal:  # a log file gets plain lines, not cursor movements
+            return lambda description: print(f"... {description}", file=sys.stderr, flush=True)
         from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
         self.progress = Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(),
@@ -137,13 +139,11 @@ class _progress:
                 self.progress.update(self.task, completed=1)
                 self.progress.stop_task(self.task)
             self.task = self.progress.add_task(description, total=1)
-            if not self.console.is_terminal:
-                print(f"... {description}", file=sys.stderr)
 
         return step
 
     def __exit__(self, *exc):
-        return self.progress.__exit__(*exc)
+        return self.progress.__exit__(*exc) if self.progress else False
 
 
 @cli.command()
@@ -151,13 +151,13 @@ class _progress:
 @json_option
 def inspect(artifact: Path, as_json: bool) -> None:
     """Show what an artifact holds (integrity checked; use verify for the signature)."""
-    from .describe import describe
+    from .inspection import describe
 
     info = describe(artifact)
     if as_json:
         _emit(info)
         return
-    from .describe import render
+    from .inspection import render
 
     render(info)
 
@@ -199,7 +199,7 @@ def verify(artifact: Path, public_key: Path, no_selftest: bool, as_json: bool) -
 @json_option
 def bench(artifact: Path, data: str, public_key, runs: int, samples: int, as_json: bool) -> None:
     """Measure an artifact with the device's runtime: accuracy, latency, bytes."""
-    from .bench import bench as run_bench
+    from .artifact_bench import bench as run_bench
 
     result = run_bench(artifact, data, public_key=public_key, runs=runs, samples=samples)
     if as_json:

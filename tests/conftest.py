@@ -1,0 +1,30 @@
+"""Shared fixtures: a digits CNN trained once per session, its data files, and a key pair."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+ROOT = Path(__file__).resolve().parent.parent
+
+
+import models  # noqa: E402  (tests/ is on sys.path under pytest)
+
+
+@pytest.fixture(scope="session")
+def digits_dir(tmp_path_factory):
+    """digits.keras (trained), calib.npz, eval.npz (with y), labels.txt and keys/ in one folder."""
+    from edgeml.signing import generate_keys
+
+    out = tmp_path_factory.mktemp("digits")
+    model, splits = models.train_digits_cnn(epochs=10, seed=0)
+    model.save(out / "digits.keras")
+    name = models.INPUT_NAME
+    np.savez(out / "calib.npz", **{name: splits["calibration"][0]})
+    np.savez(out / "eval.npz", **{name: splits["eval"][0], "y": splits["eval"][1]})
+    (out / "labels.txt").write_text("".join(f"{d}\n" for d in range(10)))
+    generate_keys(out / "keys")
+    return out

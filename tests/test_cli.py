@@ -1,0 +1,154 @@
+"""The CLI as a user meets it: --json purity, one-line errors, exit codes, nothing half-written."""
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import zipfile
+
+import numpy as np
+import pytest
+
+from edgeml.cli import main
+
+
+def _run(*args, cwd=None):
+    """The real console entry point in a fresh process, as a user runs it."""
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
+    return subprocess.run([sys.executable, "-m", "edgeml.cli", *map(str, args)], capture_output=True,
+                          text=True, cwd=cwd, env=env, timeout=600)
+
+
+def _optimize_args(d, out, *extra):
+    return ["optimize", d / "digits.keras", "-o", out, "--calibration", d / "calib.npz",
+            "--eval", d / "eval.npz", "--key", d / "keys" / "signing.key", "--latency-runs", "10", *extra]
+
+
+@pytest.fixture(scope="module")
+def artifact(digits_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("cli") / "digits.edgeml"
+    proc = _run(*_optimize_args(digits_dir, out, "--recipe", "auto", "--name", "digits", "--version", "3",
+                                "--labels", digits_dir / "labels.txt", "--json"))
+    assert proc.returncode == 0, proc.stderr
+    doc = json.loads(proc.stdout)  # stdout is one JSON object and nothing else
+    assert doc["ok"] and doc["artifact"] == str(out) and doc["version"] == 3
+    assert (out.parent / "digits.candidates.png").is_file()
+    return out
+
+
+def test_inspect_verify_bench_json(artifact, digits_dir):
+    inspect = _run("inspect", artifact, "--json")
+    assert inspect.returncode == 0
+    info = json.loads(inspect.stdout)
+    assert info["manifest"]["name"] == "digits" and info["manifest"]["labels"] == [str(d) for d in range(10)]
+    verify = _run("verify", artifact, "--public-key", digits_dir / "keys" / "signing.pub", "--json")
+    assert verify.returncode == 0 and json.loads(verify.stdout)["selftest"]["ok"] is True
+    bench = _run("bench", artifact, "--data", digits_dir / "eval.npz", "--runs", "20", "--json")
+    assert bench.returncode == 0
+    b = json.loads(bench.stdout)
+    assert b["accuracy"] == pytest.approx(info["manifest"]["metrics"]["accuracy"])
+    assert b["latency_ms"]["runs"] == 20 and b["model_bytes"] == info["model_bytes"]
+
+
+def test_human_output_is_a_table(artifact, digits_dir, capsys):
+    assert main(["inspect", str(artifact)]) == 0
+    out = capsys.readouterr().out
+    assert "digits v3" in out and "image" in out and "float32" in out and "measured" in out
+    assert main(["verify", str(artifact), "--public-key", str(digits_dir / "keys" / "signing.pub")]) == 0
+    assert "OK: digits v3" in capsys.readouterr().out
+
+
+def test_tampered_artifact_fails_verify_with_exit_8(artifact, digits_dir, tmp_path):
+    bad = tmp_path / "tampered.edgeml"
+    with zipfile.ZipFile(artifact) as src, zipfile.ZipFile(bad, "w") as dst:
+        for item in src.infolist():
+            data = src.read(item.filename)
+            if item.filename == "model.tflite":
+                data = data[:-20] + bytes([data[-20] ^ 1]) + data[-19:]
+            dst.writestr(item, data)
+    proc = _run("verify", bad, "--public-key", digits_dir / "keys" / "signing.pub")
+    assert proc.returncode == 8
+    assert proc.stderr.startswith("error: ") and "Traceback" not in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_keys_generate_refuses_overwrite(tmp_path, capsys):
+    assert main(["keys", "generate", "--out", str(tmp_path / "k"), "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert len(doc["key_id"]) == 16
+    assert main(["keys", "generate", "--out", str(tmp_path / "k")]) == 7
+    assert "--force" in capsys.readouterr().err
+
+
+def _bad(tmp_path, digits_dir, name, **arrays):
+    path = tmp_path / name
+    np.savez(path, **arrays)
+    return path
+
+
+@pytest.mark.parametrize("case, code, message", [
+    ("missing model", 3, "model not found"),
+    ("not a model", 3, "cannot tell what kind of model"),
+    ("calibration names", 4, "model's inputs are \\['image'\\]"),
+    ("calibration shape", 4, "expects \\(8,8,1\\)"),
+    ("calibration dtype", 4, "expects float32"),
+    ("public key as key", 7, "public key"),
+    ("text as key", 7, "not"),
+    ("no output folder", 2, "does not exist"),
+    ("int8 without calibration", 2, "needs --calibration"),
+])
+def test_bad_input_one_line_exit_code_nothing_written(case, code, message, digits_dir, tmp_path, capsys):
+    d = digits_dir
+    out = tmp_path / "out.edgeml"
+    args = _optimize_args(d, out, "--recipe", "int8")
+    idx = {a: i for i, a in enumerate(args)}
+    if case == "missing model":
+        args[1] = tmp_path / "nope.keras"
+    elif case == "not a model":
+        args[1] = tmp_path / "model.txt"
+        args[1].write_text("hello")
+    elif case == "calibration names":
+        args[idx["--calibration"] + 1] = _bad(tmp_path, d, "c.npz", pixels=np.zeros((4, 8, 8, 1), np.float32))
+    elif case == "calibration shape":
+        args[idx["--calibration"] + 1] = _bad(tmp_path, d, "c.npz", image=np.zeros((4, 8, 8), np.float32))
+    elif case == "calibration dtype":
+        args[idx["--calibration"] + 1] = _bad(tmp_path, d, "c.npz", image=np.zeros((4, 8, 8, 1), "U1"))
+    elif case == "public key as key":
+        args[idx["--key"] + 1] = d / "keys" / "signing.pub"
+    elif case == "text as key":
+        args[idx["--key"] + 1] = tmp_path / "k.key"
+        args[idx["--key"] + 1].write_text("not a key\n")
+    elif case == "no output folder":
+        args[idx["-o"] + 1] = tmp_path / "missing" / "out.edgeml"
+    elif case == "int8 without calibration":
+        i = idx["--calibration"]
+        del args[i:i + 2]
+    assert main([str(a) for a in args]) == code
+    err = capsys.readouterr().err.strip()
+    lines = err.splitlines()  # progress lines may come first; the error is one line, the last
+    assert lines[-1].startswith("error: ") and sum(line.startswith("error") for line in lines) == 1, err
+    assert "Traceback" not in err
+    assert re.search(message, lines[-1]), err
+    assert not out.exists()
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".") or "edgeml" in p.name] == []
+
+
+def test_json_error_object_and_usage_exit_code(tmp_path):
+    proc = _run("optimize", tmp_path / "nope.keras", "-o", tmp_path / "o.edgeml", "--eval", "e.npz",
+                "--key", tmp_path / "missing.key", "--json")
+    assert proc.returncode == 7  # the key is checked before any heavy work
+    doc = json.loads(proc.stdout)
+    assert doc["ok"] is False and doc["error"]["exit_code"] == proc.returncode
+    proc = _run("optimize", "--recipe", "int4")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+
+
+def test_import_and_help_do_not_load_tensorflow():
+    code = ("import sys, edgeml, edgeml.cli; from edgeml.cli import cli; "
+            "bad = [m for m in ('tensorflow', 'keras', 'onnx', 'onnxruntime') if m in sys.modules]; "
+            "print(','.join(bad))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0 and proc.stdout.strip() == ""
+    assert _run("--help").returncode == 0
