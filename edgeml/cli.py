@@ -25,6 +25,14 @@ def _console():
     return Console(stderr=True)
 
 
+def stdout_console():
+    """Rich console for results; wide enough for the tables when stdout is a file or a pipe."""
+    from rich.console import Console
+
+    console = Console()
+    return console if console.is_terminal else Console(width=120)
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="edgeml")
 @click.option("-v", "--verbose", count=True, help="More log output on stderr (-vv for debug).")
@@ -106,9 +114,7 @@ def _show_result(result, as_json, console, candidates_table) -> None:
     if as_json:
         _emit(result.to_dict())
         return
-    from rich.console import Console
-
-    out = Console()
+    out = stdout_console()
     out.print(candidates_table(result))
     c = result.chosen
     out.print(f"kept [bold]{c.recipe}[/]: {c.bytes} bytes, drop {c.quality.drop:.4f} "
@@ -159,7 +165,7 @@ def inspect(artifact: Path, as_json: bool) -> None:
         return
     from .inspection import render
 
-    render(info)
+    render(info, stdout_console())
 
 
 @cli.command()
@@ -205,7 +211,6 @@ def bench(artifact: Path, data: str, public_key, runs: int, samples: int, as_jso
     if as_json:
         _emit({"ok": True, **result})
         return
-    from rich.console import Console
     from rich.table import Table
 
     table = Table(title=f"{result['name']} v{result['version']} on {result['runtime']} (1 thread)")
@@ -215,7 +220,7 @@ def bench(artifact: Path, data: str, public_key, runs: int, samples: int, as_jso
     acc = "-" if result["accuracy"] is None else f"{result['accuracy']:.4f}"
     table.add_row(str(result["model_bytes"]), str(result["file_bytes"]), acc, f"{lat['median_ms']:.3f}",
                   f"{lat['p95_ms']:.3f}", str(lat["runs"]), "pass" if result["selftest"]["ok"] else "FAIL")
-    Console().print(table)
+    stdout_console().print(table)
 
 
 def main(argv=None) -> int:

@@ -21,13 +21,12 @@ def describe(path) -> dict:
     }
 
 
-def render(info: dict) -> None:
-    from rich.console import Console
+def render(info: dict, out) -> None:
+    """Print ``describe``'s summary on a rich console."""
     from rich.table import Table
 
     m = info["manifest"]
     metrics = m.get("metrics", {})
-    out = Console()
     out.print(f"[bold]{m['name']}[/] v{m['version']}  {m.get('format')}  recipe {m.get('recipe')}  "
               f"signed by key {info['key_id']} (not checked: use edgeml verify)")
     out.print(f"file {info['file_bytes']} bytes, model {info['model_bytes']} bytes, created {m.get('created')}")

@@ -11,6 +11,7 @@ from typing import Dict, List
 import numpy as np
 
 from .errors import InputError, UnsupportedModelError
+from .native_output import captured_stderr
 from .specs import TensorSpec
 
 FORMATS = ("tflite", "onnx")
@@ -67,15 +68,18 @@ class TFLiteRunner(Runner):
     def __init__(self, model: bytes, num_threads: int = 1):
         Interpreter = _litert_interpreter_class()
         try:
-            self._interp = Interpreter(model_content=model, num_threads=num_threads)
+            with captured_stderr():  # "Created TensorFlow Lite XNNPACK delegate for CPU."
+                self._interp = Interpreter(model_content=model, num_threads=num_threads)
+                self._interp.allocate_tensors()  # applies the delegate now, while stderr is captured
+                sigs = self._interp.get_signature_list()
+                if sigs:
+                    self._runner = self._interp.get_signature_runner(next(iter(sigs)))
         except (ValueError, RuntimeError) as exc:
             raise UnsupportedModelError(f"LiteRT cannot load this model: {_first_line(exc)}") from exc
-        sigs = self._interp.get_signature_list()
         if not sigs:
             raise UnsupportedModelError(
                 "the .tflite model has no signature; convert it with a serving signature"
             )
-        self._runner = self._interp.get_signature_runner(next(iter(sigs)))
         self.inputs = [_tfl_spec(n, d) for n, d in self._runner.get_input_details().items()]
         self.outputs = [_tfl_spec(n, d) for n, d in self._runner.get_output_details().items()]
 

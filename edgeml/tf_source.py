@@ -13,7 +13,6 @@ Naming follows ``tf.lite.TFLiteConverter.from_keras_model``: inputs take the Ker
 """
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import re
@@ -27,6 +26,7 @@ from typing import Dict, List
 import numpy as np
 
 from .errors import ConversionError, DataError, InputError, UnsupportedModelError
+from .native_output import captured_stderr
 from .source import SourceModel, sha256_path
 from .specs import TensorSpec
 
@@ -47,24 +47,6 @@ def import_tensorflow():
         import tensorflow as tf
 
     return tf
-
-
-@contextlib.contextmanager
-def captured_stderr():
-    """Send file descriptor 2 to a temp file for the duration (the TF converter and tf2onnx write
-    there from C++, past Python's sys.stderr); the text is logged at DEBUG afterwards."""
-    with tempfile.TemporaryFile(mode="w+b") as sink:
-        saved = os.dup(2)
-        os.dup2(sink.fileno(), 2)
-        try:
-            yield
-        finally:
-            os.dup2(saved, 2)
-            os.close(saved)
-            sink.seek(0)
-            text = sink.read().decode("utf-8", "replace").strip()
-            if text:
-                log.debug("captured native output:\n%s", text)
 
 
 class TFSource(SourceModel):

@@ -50,7 +50,8 @@ class TFLiteBackend(Backend):
         if calibration is not None and recipe in NEEDS_CALIBRATION:
             calibration = match_inputs(calibration, source.inputs, role="calibration")
 
-        from ..tf_source import SERVING_KEY, captured_stderr, import_tensorflow
+        from ..native_output import captured_stderr
+        from ..tf_source import SERVING_KEY, import_tensorflow
 
         tf = import_tensorflow()
         converter = tf.lite.TFLiteConverter.from_saved_model(
