@@ -25,18 +25,35 @@ SINGLE_INPUT_KEY = "x"
 
 @dataclass
 class Dataset:
-    """Samples held in memory: ``inputs[name]`` has the sample axis first."""
+    """Samples held in memory: ``inputs[name]`` has the sample axis first.
+
+    Usually the sample axis is the model's batch axis. When ``whole`` is set, each sample is a
+    complete input tensor instead (models whose inputs have no batch axis first, such as a
+    recurrent state [layers, batch, units] or a scalar sample rate), fed one sample at a time.
+    """
 
     inputs: Dict[str, np.ndarray]
     labels: Optional[np.ndarray] = None
     provenance: dict = field(default_factory=dict)
+    whole: bool = False
 
     def __len__(self) -> int:
         return len(next(iter(self.inputs.values()))) if self.inputs else 0
 
     def batches(self, batch_size: int) -> Iterator[Dict[str, np.ndarray]]:
+        """Feeds for the model: batches along the batch axis, or single whole samples."""
+        if self.whole:
+            for i in range(len(self)):
+                yield {k: v[i] for k, v in self.inputs.items()}
+            return
         for start in range(0, len(self), batch_size):
             yield {k: v[start : start + batch_size] for k, v in self.inputs.items()}
+
+    def feed(self, index: int) -> Dict[str, np.ndarray]:
+        """One sample as the model takes it."""
+        if self.whole:
+            return {k: v[index] for k, v in self.inputs.items()}
+        return {k: v[index : index + 1] for k, v in self.inputs.items()}
 
     def take(self, indices: Sequence[int]) -> "Dataset":
         idx = np.asarray(indices, dtype=np.int64)
@@ -44,6 +61,7 @@ class Dataset:
             {k: v[idx] for k, v in self.inputs.items()},
             None if self.labels is None else self.labels[idx],
             dict(self.provenance),
+            self.whole,
         )
 
     def head(self, n: int) -> "Dataset":
@@ -172,14 +190,36 @@ def match_inputs(dataset: Dataset, specs: Sequence[TensorSpec], role: str = "dat
             f"{role} data has arrays {sorted(dataset.inputs)} but the model's inputs are {names}; "
             f"name one array per model input{hint}"
         )
+    whole = _whole_samples(arrays, specs, role)
     out = {}
     for spec in specs:
-        out[spec.name] = _conform(arrays[spec.name], spec, role)
-    return Dataset(out, dataset.labels, dataset.provenance)
+        out[spec.name] = _conform(arrays[spec.name], spec, role, whole)
+    return Dataset(out, dataset.labels, dataset.provenance, whole)
 
 
-def _conform(x: np.ndarray, spec: TensorSpec, role: str) -> np.ndarray:
-    want = spec.shape[1:] if spec.shape else ()
+def _whole_samples(arrays: Dict[str, np.ndarray], specs: Sequence[TensorSpec], role: str) -> bool:
+    """True when every array holds whole input tensors (one more axis than the input has).
+
+    That is how data for inputs without a leading batch axis is given: a state of shape
+    [2, 1, 128] as an array [N, 2, 1, 128], a scalar as an array [N].
+    """
+    extra = {s.name: arrays[s.name].ndim - len(s.shape) for s in specs}
+    if all(e == 1 for e in extra.values()):
+        return True
+    scalar = [s.name for s in specs if not s.shape]
+    if not scalar and not (1 in extra.values() and 0 in extra.values()):
+        return False  # batches; _conform names any shape that is off
+    name = (scalar or [n for n, e in extra.items() if e == 1])[0]
+    spec = next(s for s in specs if s.name == name)
+    raise DataError(
+        f"{role} array '{name}' has {arrays[name].ndim} axes but the model input has {len(spec.shape)}; "
+        "give every input either as batches (the input's own axes, samples first) or as whole inputs "
+        "(one extra leading axis)"
+    )
+
+
+def _conform(x: np.ndarray, spec: TensorSpec, role: str, whole: bool = False) -> np.ndarray:
+    want = tuple(spec.shape) if whole else (spec.shape[1:] if spec.shape else ())
     got = x.shape[1:]
     if len(want) != len(got) or any(w is not None and w != g for w, g in zip(want, got)):
         shown = ",".join("?" if w is None else str(w) for w in want)

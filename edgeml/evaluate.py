@@ -45,12 +45,13 @@ class Latency:
 
 
 def run_dataset(run: Callable[[Outputs], Outputs], dataset: Dataset, batch_size: int = 32) -> Outputs:
-    """Run ``run`` over the dataset in batches; concatenate each output along the sample axis."""
+    """Run ``run`` over the dataset in batches; join each output along the sample axis."""
     parts: Dict[str, list] = {}
     for batch in dataset.batches(batch_size):
         for name, value in run(batch).items():
             parts.setdefault(name, []).append(np.asarray(value))
-    return {name: np.concatenate(chunks) for name, chunks in parts.items()}
+    join = np.stack if dataset.whole else np.concatenate  # whole samples get a new sample axis
+    return {name: join(chunks) for name, chunks in parts.items()}
 
 
 def is_classifier(y: np.ndarray) -> bool:
@@ -125,7 +126,7 @@ def measure_latency(run: Callable[[Outputs], Outputs], dataset: Dataset, *, warm
     Stops early when ``budget_s`` is spent (after at least 10 runs) so a big model does not
     stall the whole optimize run; the number of runs is reported with the figures.
     """
-    samples = [dataset.take([i % len(dataset)]).inputs for i in range(min(len(dataset), 16))]
+    samples = [dataset.feed(i) for i in range(min(len(dataset), 16))]
     for i in range(warmup):
         run(samples[i % len(samples)])
     times = []

@@ -41,6 +41,8 @@ class Measured:
     outputs: List[TensorSpec] = field(default_factory=list)
 
     def to_dict(self, baseline: Optional["Measured"] = None) -> dict:
+        if self.candidate is None and not self.bytes:  # could not be built: no figures to report
+            return {"recipe": self.recipe, "format": self.format, "failed": True, "notes": list(self.notes)}
         d = {
             "recipe": self.recipe,
             "format": self.format,
@@ -145,15 +147,15 @@ def optimize(config: OptimizeConfig, on_step: Callable[[str], None] = lambda s: 
 
     on_step("writing the artifact")
     runner = load_runner(chosen.candidate.model, fmt)
-    st_in = eval_ds.head(SELFTEST_SAMPLES).inputs
-    st_out = runner.run(st_in)
+    st_ds = eval_ds.head(SELFTEST_SAMPLES)
+    st_in, st_out = st_ds.inputs, run_dataset(runner.run, st_ds)
     atol = tolerance(st_out, {s.name: s.scale for s in runner.outputs})
     baseline = baseline_stats((calib_ds or eval_ds).inputs)
     baseline["source"] = "calibration" if calib_ds is not None else "eval"
     manifest = build_manifest(
         config=config, source=source, chosen=chosen, measured=measured, goal_met=goal_met,
         float_accuracy=float_acc, eval_ds=eval_ds, calib_ds=calib_ds, labels=labels_list,
-        preprocessing=preprocessing, selftest={"samples": len(eval_ds.head(SELFTEST_SAMPLES)), "atol": atol},
+        preprocessing=preprocessing, selftest={"samples": len(st_ds), "atol": atol, "whole_samples": st_ds.whole},
         frontier=[m.recipe for m in frontier(built)],
     )
     write_artifact(config.output, model=chosen.candidate.model, model_format=fmt, manifest=manifest,

@@ -9,6 +9,8 @@ from typing import Dict, Optional
 
 import numpy as np
 
+from .data import Dataset
+from .evaluate import run_dataset
 from .runtime import Runner, load_runner
 
 
@@ -41,8 +43,10 @@ def tolerance(outputs: Dict[str, np.ndarray], scales: Dict[str, Optional[float]]
 def run_selftest(artifact, runner: Optional[Runner] = None) -> SelfTestResult:
     """Run the artifact's self-test inputs and compare with its reference outputs."""
     runner = runner or load_runner(artifact.model, artifact.model_format)
-    atol = float(artifact.manifest.get("selftest", {}).get("atol", 1e-3))
-    got = runner.run(artifact.selftest_inputs)
+    meta = artifact.manifest.get("selftest", {})
+    atol = float(meta.get("atol", 1e-3))
+    samples = Dataset(artifact.selftest_inputs, whole=bool(meta.get("whole_samples", False)))
+    got = run_dataset(runner.run, samples)
     worst, failed = 0.0, None
     for name, ref in artifact.selftest_outputs.items():
         err = float(np.max(np.abs(np.asarray(got[name], np.float64) - np.asarray(ref, np.float64))))

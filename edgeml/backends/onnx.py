@@ -21,6 +21,7 @@ import numpy as np
 
 from ..data import Dataset
 from ..errors import ConversionError, EdgemlError, UsageError
+from ..native_output import captured_stderr
 from ..onnx_prepare import prepare, subgraphs
 from ..runtime import load_runner
 from ..source import SourceModel
@@ -452,14 +453,28 @@ def _quantized_candidate(recipe: str, model: bytes, float_nodes: List[str], scor
     return Candidate(recipe, "onnx", model, notes=notes, details=details)
 
 
+class _DropRootRecords(logging.Filter):
+    """ORT's quantizer logs advice to the root logger ("consider pre-processing"); edgeml did
+    the preparation itself, so the advice is noise on the user's terminal."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.name != "root"
+
+
 def _quantizer_call(recipe: str, call: Callable[[], bytes]) -> bytes:
+    root = logging.getLogger()
+    quiet = _DropRootRecords()
+    root.addFilter(quiet)
     try:
-        return call()
+        with captured_stderr():  # ORT's C++ warnings from the sessions the quantizer opens
+            return call()
     except EdgemlError:
         raise
     except Exception as exc:  # ORT's quantizer raises anything from AssertionError to KeyError
         raise ConversionError(f"ONNX Runtime's quantizer failed on the {recipe} recipe: "
                               f"{type(exc).__name__}: {_first_line(exc)}; try the fp32 or float16 recipe") from exc
+    finally:
+        root.removeFilter(quiet)
 
 
 def _first_line(exc: BaseException) -> str:
