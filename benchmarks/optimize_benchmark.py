@@ -15,6 +15,7 @@ the machine; quote them with the command that produced them.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -61,7 +62,8 @@ def mobilenet_case(work: Path, quick: bool):
 
     size = 160 if quick else 224
     keras.utils.set_random_seed(0)
-    model = keras.applications.MobileNetV2(input_shape=(size, size, 3), weights=None, classes=1000)
+    model = keras.applications.MobileNetV2(input_tensor=keras.Input((size, size, 3), name="image"),
+                                           weights=None, classes=1000)
     path = work / "mobilenet_v2.keras"
     model.save(path)
     rng = np.random.default_rng(0)
@@ -75,7 +77,7 @@ def mobilenet_case(work: Path, quick: bool):
             out.append(img[y:y + size, x:x + size])
         return np.stack(out)
 
-    name = model.inputs[0].name
+    name = "image"
     return f"MobileNetV2 {size}x{size} (Keras, weights=None)", path, {name: crops(32 if quick else 64)}, \
         {name: crops(32 if quick else 64)}, None
 
@@ -207,7 +209,8 @@ def bench_case(case, work: Path, keys: Path, quick: bool, runs: int) -> list:
         if fmt == "tflite":
             from edgeml.backends import get_backend, BuildOptions
             methods["fp32"] = get_backend("tflite").build(source, "fp32", None, BuildOptions()).model
-            methods.update(tflite_presets(source, calib))
+            with contextlib.redirect_stdout(sys.stderr):  # the converter prints its SavedModel export
+                methods.update(tflite_presets(source, calib))
         else:
             methods["fp32"] = fp32
             methods.update(ort_defaults(fp32, calib, work))
@@ -258,7 +261,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     parser.add_argument("--quick", action="store_true", help="smaller models and data (a smoke run)")
-    parser.add_argument("--runs", type=int, default=50, help="timed single-sample runs per model")
+    parser.add_argument("--runs", type=int, default=200, help="timed single-sample runs per model (20 s cap)")
     parser.add_argument("--only", help="comma-separated case names: digits,mobilenet,ppocr_cls,magika")
     args = parser.parse_args()
     cases = CASES if not args.only else [c for c in CASES if c.__name__.replace("_case", "") in args.only.split(",")]
