@@ -66,9 +66,12 @@ def plot_candidates(measured: Sequence, chosen, path: Path) -> Optional[Path]:
         q = m.quality
         return q.accuracy if kind == "accuracy" else q.agreement if kind == "agreement" else q.cosine
 
+    scores = [score(m) for m in pts]
+    top = max(scores)
     fig, ax = plt.subplots(figsize=(6.4, 4.4), dpi=110)
-    sc = ax.scatter([m.bytes / 1024 for m in pts], [m.latency.median_ms for m in pts],
-                    c=[score(m) for m in pts], cmap="viridis", s=90, edgecolors="black", linewidths=0.5)
+    # at least a 2-point colour range, so equal scores do not get an arbitrary scale
+    sc = ax.scatter([m.bytes / 1024 for m in pts], [m.latency.median_ms for m in pts], c=scores, cmap="viridis",
+                    vmin=min(min(scores), top - 0.02), vmax=top, s=90, edgecolors="black", linewidths=0.5)
     for m in pts:
         ax.annotate(m.recipe, (m.bytes / 1024, m.latency.median_ms), textcoords="offset points", xytext=(6, 6))
     ax.scatter([chosen.bytes / 1024], [chosen.latency.median_ms], s=320, facecolors="none",

@@ -152,3 +152,32 @@ def test_import_and_help_do_not_load_tensorflow():
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert proc.returncode == 0 and proc.stdout.strip() == ""
     assert _run("--help").returncode == 0
+
+
+def test_unsupported_op_exits_5_before_anything_is_written(tmp_path, digits_dir):
+    """A SavedModel using tf.math.igamma (no LiteRT kernel) and an ONNX model with a custom op."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    import tensorflow as tf
+
+    class UsesIgamma(tf.Module):
+        @tf.function(input_signature=[tf.TensorSpec([None, 4], tf.float32, name="x")])
+        def serve(self, x):
+            return {"y": tf.math.igamma(x + 1.0, x + 2.0)}
+
+    module = UsesIgamma()
+    tf.saved_model.save(module, str(tmp_path / "igamma"), signatures={"serving_default": module.serve})
+    node = helper.make_node("FancyGelu", ["x"], ["y"], domain="com.example")
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, 4])])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.example", 1)]),
+              tmp_path / "custom.onnx")
+    np.savez(tmp_path / "d.npz", x=np.random.default_rng(0).random((8, 4)).astype(np.float32))
+    for model, op in ((tmp_path / "igamma", "Igamma"), (tmp_path / "custom.onnx", "FancyGelu")):
+        out = tmp_path / f"{model.stem}.edgeml"
+        proc = _run("optimize", model, "-o", out, "--recipe", "fp32", "--eval", tmp_path / "d.npz",
+                    "--key", digits_dir / "keys" / "signing.key")
+        last = proc.stderr.strip().splitlines()[-1]
+        assert proc.returncode == 5 and last.startswith("error: ") and op in last, proc.stderr
+        assert "Traceback" not in proc.stderr and not out.exists()

@@ -182,7 +182,8 @@ def test_magika_int8_matches_float_on_held_out_files(magika, magika_candidates):
     int8 = magika_candidates["int8"]
     assert top1_agreement(source, int8.model, held) >= 0.99
     assert len(int8.model) < 0.35 * len(magika_candidates["fp32"].model)
-    assert int8.details["quantized_ops"].get("MatMul", 0) == 2
+    ops = int8.details["quantized_ops"]
+    assert ops.get("MatMul", 0) + ops.get("Gemm", 0) == 2  # ORT's rewrites may fuse MatMul+Add into Gemm
     assert int8.details["agreement"] >= 0.99
     for recipe in ("fp32", "float16", "dynamic"):
         assert top1_agreement(source, magika_candidates[recipe].model, held) >= 0.99, recipe
