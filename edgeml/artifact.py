@@ -29,7 +29,6 @@ import json
 import logging
 import os
 import struct
-import tempfile
 import zipfile
 from collections import Counter
 from dataclasses import dataclass, field
@@ -40,8 +39,9 @@ import numpy as np
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
+from .atomic import write_atomic
 from .errors import InputError, KeyFileError, VerificationError
-from .signing import _fsync_dir, describe_key_type, key_id, load_private_key, load_public_key
+from .signing import describe_key_type, key_id, load_private_key, load_public_key
 
 logger = logging.getLogger(__name__)
 
@@ -488,23 +488,10 @@ def _publish(path: Path, data: bytes) -> None:
         raise InputError(f"folder {path.parent} does not exist; create it first")
     if path.is_dir():
         raise InputError(f"{path} is a folder; pass a file name such as model.edgeml")
-    tmp = None
     try:
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        with os.fdopen(fd, "wb") as f:
-            if hasattr(os, "fchmod"):  # an artifact is public; mkstemp would leave it 0600
-                os.fchmod(f.fileno(), 0o644)
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        tmp = None
-        _fsync_dir(path.parent)
+        write_atomic(path, data, 0o644)  # an artifact is public
     except OSError as exc:
         raise InputError(f"cannot write {path}: {exc.strerror or exc}") from exc
-    finally:
-        if tmp is not None:
-            Path(tmp).unlink(missing_ok=True)
 
 
 def _sha256(data: bytes) -> str:

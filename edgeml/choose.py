@@ -1,7 +1,7 @@
 """Pick the candidate ``auto`` keeps: the smallest and fastest one within the accuracy goal."""
 from __future__ import annotations
 
-from typing import List, Optional, Sequence
+from typing import List, Sequence
 
 # Candidates whose bytes are within this fraction of the smallest passing one count as equally
 # small; among those the fastest wins (dynamic and int8 are about the same size, int8 is faster).

@@ -13,7 +13,7 @@ from .backends import BuildOptions, Candidate, get_backend
 from .choose import choose, frontier
 from .config import OptimizeConfig
 from .data import Dataset, load_data, match_inputs
-from .errors import AccuracyGoalNotMet, ConversionError, EdgemlError, InputError, UnsupportedModelError
+from .errors import AccuracyGoalNotMet, ConversionError, InputError, UnsupportedModelError
 from .evaluate import Latency, Quality, accuracy, compare, measure_latency, run_dataset
 from .runtime import load_runner
 from .source import SourceModel, load_source
@@ -139,8 +139,8 @@ def optimize(config: OptimizeConfig, on_step: Callable[[str], None] = lambda s: 
             measured.append(Measured(recipe, fmt, notes=[f"failed: {exc}"]))
 
     built = [m for m in measured if m.candidate is not None]
-    eligible = [m for m in built if config.recipe != "auto" and m.recipe == config.recipe
-                or config.recipe == "auto" and m.recipe in AUTO_RECIPES]
+    wanted = AUTO_RECIPES if config.recipe == "auto" else (config.recipe,)
+    eligible = [m for m in built if m.recipe in wanted]  # fp32 is the baseline, not a choice of auto
     if not eligible:
         raise ConversionError(f"no candidate could be built for recipe {config.recipe}; see the notes above")
     chosen, goal_met = choose(eligible, config.max_accuracy_drop)
