@@ -62,3 +62,9 @@ class AccuracyGoalNotMet(EdgemlError):
     def __init__(self, message: str, result=None):
         super().__init__(message)
         self.result = result
+
+
+def first_line(exc: BaseException, limit: int = 300) -> str:
+    """The first line of a lower-level error, for a one-line message that wraps it."""
+    text = str(exc).strip() or type(exc).__name__
+    return text.splitlines()[0][:limit]

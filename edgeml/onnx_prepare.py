@@ -17,7 +17,7 @@ from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 
-from .errors import ConversionError, DataError
+from .errors import ConversionError, DataError, first_line
 
 log = logging.getLogger(__name__)
 
@@ -132,7 +132,7 @@ def _upgrade_opset(model, notes: List[str]):
         upgraded = version_converter.convert_version(model, QUANTIZER_MIN_OPSET)
         onnx.checker.check_model(upgraded)
     except Exception as exc:  # the converter has gaps for rare ops; per-channel QDQ is then unavailable
-        notes.append(f"kept opset {version}: upgrading to {QUANTIZER_MIN_OPSET} failed ({_first_line(exc)})")
+        notes.append(f"kept opset {version}: upgrading to {QUANTIZER_MIN_OPSET} failed ({first_line(exc)})")
         return model
     notes.append(f"upgraded opset {version} -> {QUANTIZER_MIN_OPSET} (per-channel int8 needs it)")
     return upgraded
@@ -257,7 +257,7 @@ def _ort_basic_fusions(model, notes: List[str]):
             ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
             optimized = onnx.load(str(out))
         except Exception as exc:  # ORT raises untyped errors; the unoptimized model still works
-            notes.append(f"kept the graph as it was: ONNX Runtime's basic rewrites failed ({_first_line(exc)})")
+            notes.append(f"kept the graph as it was: ONNX Runtime's basic rewrites failed ({first_line(exc)})")
             return model
     # ORT rewrites how dynamic dims are spelled (-1 becomes an empty dim): keep the original I/O
     for new_io, old_io in ((optimized.graph.input, model.graph.input), (optimized.graph.output, model.graph.output)):
@@ -339,7 +339,7 @@ def _infer_shapes(model, sample_feed, notes: List[str]):
         try:
             inferred = infer(model)
         except Exception as exc:
-            log.debug("shape inference %s failed: %s", label, _first_line(exc))
+            log.debug("shape inference %s failed: %s", label, first_line(exc))
             continue
         if inferred is not None and not _untyped(inferred):
             log.debug("shapes inferred by %s", label)
@@ -401,12 +401,12 @@ def check_same_outputs(original, prepared, feed: Dict[str, np.ndarray]) -> None:
     try:
         want = run_model(original, feed)
     except Exception as exc:
-        raise DataError(f"the sample data does not run on the original model: {_first_line(exc)}; "
+        raise DataError(f"the sample data does not run on the original model: {first_line(exc)}; "
                         "check its shapes against the model's inputs") from exc
     try:
         got = run_model(prepared, feed)
     except Exception as exc:
-        raise ConversionError(f"the prepared ONNX model does not run: {_first_line(exc)}") from exc
+        raise ConversionError(f"the prepared ONNX model does not run: {first_line(exc)}") from exc
     names = [o.name for o in original.graph.output]
     for name, a, b in zip(names, want, got):
         a, b = np.asarray(a), np.asarray(b)
@@ -423,8 +423,3 @@ def check_same_outputs(original, prepared, feed: Dict[str, np.ndarray]) -> None:
                 f"preparing the model changed output {name} (max difference {worst}); "
                 "report this model to the edgeml developers and use the fp32 recipe meanwhile"
             )
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip() or type(exc).__name__
-    return text.splitlines()[0][:200]

@@ -10,7 +10,7 @@ from typing import Dict, List
 
 import numpy as np
 
-from .errors import InputError, UnsupportedModelError
+from .errors import InputError, UnsupportedModelError, first_line
 from .native_output import captured_stderr
 from .specs import TensorSpec
 
@@ -75,7 +75,7 @@ class TFLiteRunner(Runner):
                 if sigs:
                     self._runner = self._interp.get_signature_runner(next(iter(sigs)))
         except (ValueError, RuntimeError) as exc:
-            raise UnsupportedModelError(f"LiteRT cannot load this model: {_first_line(exc)}") from exc
+            raise UnsupportedModelError(f"LiteRT cannot load this model: {first_line(exc)}") from exc
         if not sigs:
             raise UnsupportedModelError(
                 "the .tflite model has no signature; convert it with a serving signature"
@@ -129,7 +129,7 @@ class OnnxRunner(Runner):
         try:
             self._sess = ort.InferenceSession(model, opts, providers=["CPUExecutionProvider"])
         except Exception as exc:  # ORT raises its own untyped exceptions
-            msg = _first_line(exc)
+            msg = first_line(exc)
             if "NOT_IMPLEMENTED" in msg or "implementation" in msg.lower():
                 raise UnsupportedModelError(f"ONNX Runtime has no kernel for an op: {msg}") from exc
             raise InputError(f"ONNX Runtime cannot load this model: {msg}") from exc
@@ -146,10 +146,6 @@ def _ort_spec(arg) -> TensorSpec:
     shape = tuple(d if isinstance(d, int) and d >= 0 else None for d in (arg.shape or []))
     return TensorSpec(name=arg.name, dtype=_ORT_TYPES.get(arg.type, arg.type), shape=shape)
 
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip() or type(exc).__name__
-    return text.splitlines()[0][:300]
 
 
 _RUNNERS = {"tflite": TFLiteRunner, "onnx": OnnxRunner}

@@ -25,7 +25,7 @@ from typing import Dict, List
 
 import numpy as np
 
-from .errors import ConversionError, DataError, InputError, UnsupportedModelError
+from .errors import ConversionError, DataError, InputError, UnsupportedModelError, first_line
 from .native_output import captured_stderr
 from .source import SourceModel, sha256_path
 from .specs import TensorSpec
@@ -112,7 +112,7 @@ class TFSource(SourceModel):
                 )
         except Exception as exc:  # tf2onnx raises bare exceptions of many kinds
             raise ConversionError(
-                f"tf2onnx could not export {self.path.name} to ONNX: {_first_line(exc)}; use --format tflite"
+                f"tf2onnx could not export {self.path.name} to ONNX: {first_line(exc)}; use --format tflite"
             ) from exc
         finally:
             tf2onnx_log.setLevel(level)
@@ -202,7 +202,7 @@ def load_keras(path) -> KerasSource:
         raise _keras_load_error(path, exc) from exc
     except Exception as exc:  # h5py / zip / json errors from a damaged file
         raise InputError(
-            f"cannot load {path.name} with Keras ({type(exc).__name__}: {_first_line(exc)}); "
+            f"cannot load {path.name} with Keras ({type(exc).__name__}: {first_line(exc)}); "
             "the file may be damaged, re-save it with model.save('model.keras')"
         ) from exc
     try:
@@ -220,7 +220,7 @@ def load_keras(path) -> KerasSource:
         return KerasSource(path, model)
     except Exception as exc:
         raise InputError(
-            f"cannot trace {path.name} for serving ({_first_line(exc)}); "
+            f"cannot trace {path.name} for serving ({first_line(exc)}); "
             "make sure model(x) runs on its declared inputs"
         ) from exc
 
@@ -233,7 +233,7 @@ def load_saved_model(path) -> SavedModelSource:
             loaded = tf.saved_model.load(str(path))
     except Exception as exc:
         raise InputError(
-            f"cannot load SavedModel {path}: {_first_line(exc)}; "
+            f"cannot load SavedModel {path}: {first_line(exc)}; "
             "re-export it with tf.saved_model.save or model.export"
         ) from exc
     signatures = getattr(loaded, "signatures", {}) or {}
@@ -262,7 +262,7 @@ def _keras_load_error(path: Path, exc: Exception) -> InputError:
             "replace the Lambda with a custom layer registered with @keras.saving.register_keras_serializable()"
         )
     return InputError(
-        f"cannot load {path.name} with Keras: {_first_line(exc)}; check that it was saved by Keras 3 with model.save()"
+        f"cannot load {path.name} with Keras: {first_line(exc)}; check that it was saved by Keras 3 with model.save()"
     )
 
 
@@ -339,8 +339,3 @@ def _patch_tf2onnx_for_numpy2() -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # its np.object probe warns
         patch_tf2onnx()
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip() or type(exc).__name__
-    return text.splitlines()[0][:300]

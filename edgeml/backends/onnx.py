@@ -20,7 +20,7 @@ from typing import Callable, Dict, Iterator, List, Optional, Sequence
 import numpy as np
 
 from ..data import Dataset
-from ..errors import ConversionError, EdgemlError, UsageError
+from ..errors import ConversionError, EdgemlError, UsageError, first_line
 from ..native_output import captured_stderr
 from ..onnx_prepare import prepare, subgraphs
 from ..runtime import load_runner
@@ -58,7 +58,7 @@ class OnnxBackend(Backend):
         try:
             original = onnx.load_model_from_string(source.onnx_bytes())
         except Exception as exc:
-            raise ConversionError(f"the source's ONNX bytes do not parse: {_first_line(exc)}") from exc
+            raise ConversionError(f"the source's ONNX bytes do not parse: {first_line(exc)}") from exc
         prepared, notes = prepare(original, feeds[0] if feeds else None)
         build = {"fp32": _fp32, "float16": _float16, "dynamic": _dynamic, "int8": _int8}[recipe]
         with tempfile.TemporaryDirectory(prefix="edgeml-onnx-") as workdir:
@@ -472,11 +472,6 @@ def _quantizer_call(recipe: str, call: Callable[[], bytes]) -> bytes:
         raise
     except Exception as exc:  # ORT's quantizer raises anything from AssertionError to KeyError
         raise ConversionError(f"ONNX Runtime's quantizer failed on the {recipe} recipe: "
-                              f"{type(exc).__name__}: {_first_line(exc)}; try the fp32 or float16 recipe") from exc
+                              f"{type(exc).__name__}: {first_line(exc)}; try the fp32 or float16 recipe") from exc
     finally:
         root.removeFilter(quiet)
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip() or type(exc).__name__
-    return text.splitlines()[0][:200]
