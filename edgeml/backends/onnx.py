@@ -22,6 +22,7 @@ import numpy as np
 from ..data import Dataset
 from ..errors import ConversionError, EdgemlError, UsageError, first_line
 from ..native_output import captured_stderr
+from ..onnx_compact import compact_names
 from ..onnx_prepare import prepare, subgraphs
 from ..runtime import load_runner
 from ..source import SourceModel
@@ -63,6 +64,11 @@ class OnnxBackend(Backend):
         build = {"fp32": _fp32, "float16": _float16, "dynamic": _dynamic, "int8": _int8}[recipe]
         with tempfile.TemporaryDirectory(prefix="edgeml-onnx-") as workdir:
             candidate = build(_Job(source, prepared, feeds, options, Path(workdir)))
+        before = len(candidate.model)
+        candidate.model = compact_names(candidate.model)
+        if len(candidate.model) < before:
+            notes.append(f"shortened internal names: {before - len(candidate.model)} bytes fewer "
+                         "(details name nodes as in the prepared model)")
         candidate.notes[:0] = notes
         return candidate
 
