@@ -48,19 +48,13 @@ class OnnxBackend(Backend):
     format = "onnx"
 
     def build(self, source: SourceModel, recipe: str, calibration: Optional[Dataset], options: BuildOptions) -> Candidate:
-        import onnx
-
         if recipe not in RECIPES:
             raise UsageError(f"unknown recipe {recipe!r}; choose one of {', '.join(RECIPES)}")
         if recipe == "int8" and calibration is None:
             raise UsageError("int8 needs --calibration data (a .npz or module:function with a few hundred inputs); "
                              "or use the dynamic recipe, which needs none")
         feeds = list(iter_feeds(calibration, source.inputs)) if calibration is not None else []
-        try:
-            original = onnx.load_model_from_string(source.onnx_bytes())
-        except Exception as exc:
-            raise ConversionError(f"the source's ONNX bytes do not parse: {first_line(exc)}") from exc
-        prepared, notes = prepare(original, feeds[0] if feeds else None)
+        prepared, notes = self._prepared(source, calibration, feeds)
         build = {"fp32": _fp32, "float16": _float16, "dynamic": _dynamic, "int8": _int8}[recipe]
         with tempfile.TemporaryDirectory(prefix="edgeml-onnx-") as workdir:
             candidate = build(_Job(source, prepared, feeds, options, Path(workdir)))
@@ -71,6 +65,19 @@ class OnnxBackend(Backend):
                          "(details name nodes as in the prepared model)")
         candidate.notes[:0] = notes
         return candidate
+
+    def _prepared(self, source: SourceModel, calibration: Optional[Dataset], feeds: List[dict]):
+        """Prepare once per source and data: optimize builds every recipe with one backend."""
+        import onnx
+
+        cached = getattr(self, "_cache", None)  # (source, calibration, prepared, notes): one at a time
+        if cached is None or cached[0] is not source or cached[1] is not calibration:
+            try:
+                original = onnx.load_model_from_string(source.onnx_bytes())
+            except Exception as exc:
+                raise ConversionError(f"the source's ONNX bytes do not parse: {first_line(exc)}") from exc
+            self._cache = cached = (source, calibration, *prepare(original, feeds[0] if feeds else None))
+        return cached[2], list(cached[3])  # recipes copy the prepared model before changing it
 
 
 class _Job:
