@@ -47,13 +47,16 @@ def _m(name, size, ms, drop):
     return NS(recipe=name, bytes=size, latency=NS(median_ms=ms), quality=NS(drop=drop))
 
 
-def test_choose_prefers_small_then_fast_within_goal():
+def test_choose_keeps_least_bytes_times_latency_within_goal():
     fp32, f16, dyn, int8 = _m("fp32", 400, 1.0, 0), _m("float16", 200, 1.0, 0), _m("dynamic", 105, 1.5, 0.002), _m("int8", 100, 0.5, 0.004)
     assert choose([f16, dyn, int8], 0.01) == (int8, True)
     assert choose([f16, dyn, int8], 0.003)[0] is dyn
     assert choose([f16, dyn, int8], 0.0)[0] is f16
     best, ok = choose([dyn, int8], 0.001)
     assert best is dyn and ok is False
+    # a third of the bytes but 60% slower loses to half the bytes at the same speed
+    small_slow, half_fast = _m("int8", 130, 1.6, 0.0), _m("float16", 200, 1.0, 0.0)
+    assert choose([small_slow, half_fast], 0.01)[0] is half_fast
     assert set(m.recipe for m in frontier([fp32, f16, dyn, int8])) == {"float16", "dynamic", "int8"}
 
 
