@@ -181,3 +181,30 @@ def test_unsupported_op_exits_5_before_anything_is_written(tmp_path, digits_dir)
         last = proc.stderr.strip().splitlines()[-1]
         assert proc.returncode == 5 and last.startswith("error: ") and op in last, proc.stderr
         assert "Traceback" not in proc.stderr and not out.exists()
+
+
+def test_module_function_data_through_the_cli(digits_dir, tmp_path):
+    """Data that does not fit in memory: a generator named module:function, found from the cwd."""
+    (tmp_path / "stream_digits.py").write_text(
+        "import numpy as np\n"
+        f"_CAL = np.load({str(digits_dir / 'calib.npz')!r})['image']\n"
+        f"_EVAL = np.load({str(digits_dir / 'eval.npz')!r})\n"
+        "def calibration():\n"
+        "    for i in range(0, len(_CAL), 50):\n"
+        "        yield {'image': _CAL[i:i + 50]}\n"
+        "def evaluation():\n"
+        "    x, y = _EVAL['image'], _EVAL['y']\n"
+        "    for i in range(0, len(x), 64):\n"
+        "        yield {'image': x[i:i + 64], 'y': y[i:i + 64]}\n")
+    out = tmp_path / "s.edgeml"
+    proc = _run("optimize", digits_dir / "digits.keras", "-o", out, "--recipe", "int8",
+                "--calibration", "stream_digits:calibration", "--eval", "stream_digits:evaluation",
+                "--calibration-samples", "120", "--key", digits_dir / "keys" / "signing.key",
+                "--latency-runs", "10", "--no-plot", "--json", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    from edgeml.artifact import read_artifact
+
+    lineage = read_artifact(out).manifest["lineage"]["data"]
+    assert lineage["calibration"]["source"] == "stream_digits:calibration"
+    assert lineage["calibration"]["samples"] == 120 and lineage["calibration"]["streamed_samples"] == 200
+    assert lineage["eval"]["samples"] == 400 and json.loads(proc.stdout)["ok"] is True
