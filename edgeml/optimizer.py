@@ -13,7 +13,7 @@ from .backends import BuildOptions, Candidate, get_backend
 from .choose import choose, frontier
 from .config import OptimizeConfig
 from .data import Dataset, load_data, match_inputs
-from .errors import AccuracyGoalNotMet, ConversionError, InputError, UnsupportedModelError
+from .errors import AccuracyGoalNotMet, ConversionError, InputError, UnsupportedModelError, UsageError
 from .evaluate import Latency, Quality, accuracy, compare, measure_latency, run_dataset
 from .runtime import load_runner
 from .source import SourceModel, load_source
@@ -108,6 +108,7 @@ def optimize(config: OptimizeConfig, on_step: Callable[[str], None] = lambda s: 
     source = load_source(config.model)
     fmt = config.format or source.default_format
     backend = get_backend(fmt)
+    _check_labels(labels_list, source)
 
     on_step("loading data")
     eval_ds = match_inputs(load_data(config.eval, limit=config.eval_samples, seed=config.seed, role="eval"),
@@ -198,6 +199,18 @@ def _measure(cand: Candidate, source: SourceModel, eval_ds: Dataset, reference, 
     latency = measure_latency(runner.run, eval_ds, runs=config.latency_runs)
     return Measured(cand.recipe, cand.format, len(cand.model), quality, latency, list(cand.notes),
                     dict(cand.details), cand, list(runner.inputs), list(runner.outputs))
+
+
+def _check_labels(labels: Optional[list], source: SourceModel) -> None:
+    """Class labels must name every class of the first output, when its size is known."""
+    if labels is None or not source.outputs:
+        return
+    classes = source.outputs[0].shape[-1] if source.outputs[0].shape else None
+    if classes is not None and len(labels) != classes:
+        raise UsageError(
+            f"--labels has {len(labels)} labels but the model's output '{source.outputs[0].name}' has "
+            f"{classes} classes; give one label per line for each class"
+        )
 
 
 def _read_labels(path: Optional[Path]) -> Optional[list]:

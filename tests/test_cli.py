@@ -98,6 +98,7 @@ def _bad(tmp_path, digits_dir, name, **arrays):
     ("text as key", 7, "not"),
     ("no output folder", 2, "does not exist"),
     ("int8 without calibration", 2, "needs --calibration"),
+    ("labels that do not fit", 2, "--labels has 9 labels but .* has 10 classes"),
 ])
 def test_bad_input_one_line_exit_code_nothing_written(case, code, message, digits_dir, tmp_path, capsys):
     d = digits_dir
@@ -125,6 +126,9 @@ def test_bad_input_one_line_exit_code_nothing_written(case, code, message, digit
     elif case == "int8 without calibration":
         i = idx["--calibration"]
         del args[i:i + 2]
+    elif case == "labels that do not fit":
+        (tmp_path / "labels.txt").write_text("".join(f"{n}\n" for n in range(9)))
+        args += ["--labels", tmp_path / "labels.txt"]
     assert main([str(a) for a in args]) == code
     err = capsys.readouterr().err.strip()
     lines = err.splitlines()  # progress lines may come first; the error is one line, the last
