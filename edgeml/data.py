@@ -17,6 +17,7 @@ from typing import Dict, Iterable, Iterator, List, Optional, Sequence
 import numpy as np
 
 from .errors import DataError, InputError
+from .source import sha256_path
 from .specs import TensorSpec
 
 LABEL_KEY = "y"
@@ -98,7 +99,7 @@ def _load_npz(path: Path, role: str) -> Dataset:
     labels = arrays.pop(LABEL_KEY, None)
     if not arrays:
         raise DataError(f"{role} file {path} holds no input arrays; add one array per model input")
-    dataset = Dataset(arrays, labels, {"source": str(path), "sha256": _sha256_file(path)})
+    dataset = Dataset(arrays, labels, {"source": str(path), "sha256": sha256_path(path)})
     _check_lengths(dataset, str(path), role)
     return dataset
 
@@ -238,14 +239,6 @@ def _conform(x: np.ndarray, spec: TensorSpec, role: str, whole: bool = False) ->
         f"{role} array '{spec.name}' has dtype {x.dtype} but the model expects {target}; "
         f"convert it with .astype('{target}')"
     )
-
-
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def save_npz(path, inputs: Dict[str, np.ndarray], labels: Optional[np.ndarray] = None) -> None:

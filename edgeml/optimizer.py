@@ -41,7 +41,7 @@ class Measured:
     outputs: List[TensorSpec] = field(default_factory=list)
 
     def to_dict(self, baseline: Optional["Measured"] = None) -> dict:
-        if self.candidate is None and not self.bytes:  # could not be built: no figures to report
+        if self.candidate is None:  # could not be built: no figures to report
             return {"recipe": self.recipe, "format": self.format, "failed": True, "notes": list(self.notes)}
         d = {
             "recipe": self.recipe,
