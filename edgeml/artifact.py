@@ -14,10 +14,14 @@ The container is an ordinary ZIP file (``unzip -l`` lists it) with these members
 
 Every member is stored uncompressed with fixed timestamps and attributes, written by the small
 ZIP writer below rather than by ``zipfile``. So the same content always gives the same bytes, on
-any Python or zlib version, and a reader can rebuild the exact file from its members: any byte
-changed anywhere in the file is caught, not only bytes inside members. Storing instead of
-deflating also rules out zip bombs (a member can never be larger than the file) and costs
-little, because model weights barely compress.
+any Python or zlib version, and a reader can rebuild the exact ZIP from its members: any byte
+changed anywhere in it is caught, not only bytes inside members.
+
+The file on disk is that ZIP inside one zstd frame (``edgeml.transfer``): pruned and int8
+weights compress well, and the compressed size is what shipping costs. The frame states its
+content size and carries a checksum; a reader refuses frames that would unpack to more than
+``MAX_ARTIFACT_BYTES`` (no zstd bombs) and then checks the ZIP exactly as above. Uncompressed
+artifacts (``compress=False``, e.g. for ``unzip``) are read as well.
 """
 from __future__ import annotations
 
@@ -39,6 +43,7 @@ import numpy as np
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
+from . import transfer
 from .atomic import write_atomic
 from .errors import InputError, KeyFileError, VerificationError
 from .signing import describe_key_type, key_id, load_private_key, load_public_key
@@ -70,9 +75,11 @@ class Artifact:
     selftest_outputs: Dict[str, np.ndarray] = field(repr=False)
     baseline: dict = field(repr=False)
     key_id: str
-    size: int
+    size: int  # of the file as stored and shipped (compressed unless written with compress=False)
     sha256: str  # of the whole file: what a rollout announces and a download is checked against
     verified: bool = False
+    content_size: int = 0  # of the ZIP inside
+    compressed: bool = False
 
 
 def canonical_json(obj) -> bytes:
@@ -96,6 +103,7 @@ def write_artifact(
     selftest_outputs: Dict[str, np.ndarray],
     baseline: dict,
     private_key,
+    compress: bool = True,
 ) -> Artifact:
     """Write a signed artifact atomically and return it (already verified against the key).
 
@@ -105,7 +113,7 @@ def write_artifact(
 
     ``private_key`` is an Ed25519 private key object or the path of ``signing.key``. Bad
     arguments (unknown format, NaN in the manifest or baseline, object arrays) raise ValueError;
-    a key that is not Ed25519 raises KeyFileError. On any error nothing is left at ``path`` (an
+    a key that is not Ed25519 raises KeyFileError. ``compress`` wraps the ZIP in a zstd frame. On any error nothing is left at ``path`` (an
     existing file there stays untouched) and no temporary file remains.
     """
     path = Path(path)
@@ -136,10 +144,11 @@ def write_artifact(
     data = _zip_stored([(MANIFEST, manifest_bytes), (SIGNATURE, canonical_json(signature))] + list(payload.items()))
     if len(data) > MAX_ARTIFACT_BYTES:
         raise ValueError(f"the artifact would be {len(data)} bytes; edgeml reads at most {MAX_ARTIFACT_BYTES}")
+    shipped = transfer.compress(data) if compress else data
     # Read back what we are about to publish, so a file that does not verify is never written.
-    artifact = _parse(data, path, key.public_key())
-    _publish(path, data)
-    logger.info("wrote %s (%d bytes, key id %s)", path, len(data), artifact.key_id)
+    artifact = _parse(shipped, path, key.public_key())
+    _publish(path, shipped)
+    logger.info("wrote %s (%d bytes, %d unpacked, key id %s)", path, len(shipped), len(data), artifact.key_id)
     return artifact
 
 
@@ -173,8 +182,9 @@ def _read_file(path: Path) -> bytes:
         raise InputError(f"cannot read {path}: {exc.strerror or exc}") from exc
 
 
-def _parse(data: bytes, path: Path, public_key: Optional[ed25519.Ed25519PublicKey]) -> Artifact:
-    """Check ``data`` from the outside in; raise at the first check that fails."""
+def _parse(raw: bytes, path: Path, public_key: Optional[ed25519.Ed25519PublicKey]) -> Artifact:
+    """Check ``raw`` (the file's bytes) from the outside in; raise at the first check that fails."""
+    data = _unwrap(raw, path)
     zf = _open_zip(data, path)
     names = [info.filename for info in zf.infolist()]
     _check_names(names, path, damaged_edgeml=data[30:30 + len(MANIFEST)] == MANIFEST.encode())
@@ -216,10 +226,21 @@ def _parse(data: bytes, path: Path, public_key: Optional[ed25519.Ed25519PublicKe
         selftest_outputs=outputs,
         baseline=_parse_json(contents[BASELINE], BASELINE, path),
         key_id=signer,
-        size=len(data),
-        sha256=_sha256(data),
+        size=len(raw),
+        sha256=_sha256(raw),
         verified=public_key is not None,
+        content_size=len(data),
+        compressed=raw is not data,
     )
+
+
+def _unwrap(raw: bytes, path: Path) -> bytes:
+    if not transfer.is_compressed(raw):
+        return raw
+    try:
+        return transfer.decompress(raw, MAX_ARTIFACT_BYTES)
+    except ValueError as exc:
+        raise VerificationError(f"{path} cannot be unpacked: {exc}; get a fresh copy of the artifact") from exc
 
 
 def _open_zip(data: bytes, path: Path) -> zipfile.ZipFile:

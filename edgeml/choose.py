@@ -2,16 +2,21 @@
 
 "Smallest and fastest" conflict when an int8 model is a quarter of the bytes but slower than
 float (int8 kernels on CPUs without VNNI): the kept candidate is the one with the least
-bytes × median latency, which is the same ordering as the product of both ratios to fp32.
-A model half the size at the same speed beats one a third smaller but 60% slower.
+transfer bytes (zstd) × median latency, which is the same ordering as the product of both
+ratios to fp32. A model half the size at the same speed beats one a third smaller but 60%
+slower. Transfer bytes, because that is what shipping costs, and it is where pruning shows.
 """
 from __future__ import annotations
 
 from typing import List, Sequence
 
 
+def size(m) -> int:
+    return getattr(m, "zstd_bytes", 0) or m.bytes
+
+
 def cost(m) -> float:
-    return m.bytes * m.latency.median_ms
+    return size(m) * m.latency.median_ms
 
 
 def choose(measured: Sequence, max_drop: float) -> tuple:
@@ -22,15 +27,22 @@ def choose(measured: Sequence, max_drop: float) -> tuple:
     """
     passing = [m for m in measured if m.quality.drop <= max_drop + 1e-12]
     if not passing:
-        best = min(measured, key=lambda m: (round(m.quality.drop, 6), m.bytes))
+        best = min(measured, key=lambda m: (round(m.quality.drop, 6), size(m)))
         return best, False
-    return min(passing, key=lambda m: (cost(m), m.bytes)), True
+    return min(passing, key=lambda m: (cost(m), size(m))), True
 
 
 def frontier(measured: Sequence) -> List:
     """Candidates no other candidate beats on bytes, latency and drop at once."""
+    def key(m):
+        return size(m), m.latency.median_ms, _total_drop(m)
+
     def dominated(a, b) -> bool:
-        return (b.bytes <= a.bytes and b.latency.median_ms <= a.latency.median_ms
-                and b.quality.drop <= a.quality.drop
-                and (b.bytes, b.latency.median_ms, b.quality.drop) != (a.bytes, a.latency.median_ms, a.quality.drop))
+        return all(y <= x for x, y in zip(key(a), key(b))) and key(a) != key(b)
     return [a for a in measured if not any(dominated(a, b) for b in measured)]
+
+
+def _total_drop(m) -> float:
+    """Against the user's model: after training stages, a candidate's own drop is against the trained one."""
+    total = getattr(m, "total", None)
+    return total.drop if total is not None else m.quality.drop

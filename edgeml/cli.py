@@ -65,60 +65,104 @@ def keys_generate(out_dir: Path, force: bool, as_json: bool) -> None:
         click.echo(f"wrote {private} (keep it secret) and {public} (give it to devices); key id {info['key_id']}")
 
 
+def _layer_sparsity(ctx, param, values):
+    """--layer-sparsity NAME=S, repeated."""
+    out = {}
+    for item in values:
+        name, sep, value = item.partition("=")
+        try:
+            out[name.strip()] = float(value)
+        except ValueError:
+            sep = ""
+        if not sep or not name.strip():
+            raise click.BadParameter(f"{item!r} should look like dense_1=0.5 (layer name = sparsity)")
+    return out
+
+
 @cli.command()
 @click.argument("model", type=click.Path(path_type=Path))
 @click.option("-o", "--output", type=click.Path(path_type=Path), required=True, help="The .edgeml file to write.")
 @click.option("--key", type=click.Path(path_type=Path), help="Private signing key (edgeml keys generate).")
-@click.option("--recipe", default="auto", show_default=True,
-              type=click.Choice(["auto", "fp32", "float16", "dynamic", "int8"]), help="What to build.")
+@click.option("--recipe", type=click.Choice(["auto", "fp32", "float16", "dynamic", "int8"]),
+              help="What to build [default: the recipe file's, else auto].")
 @click.option("--format", "fmt", type=click.Choice(["tflite", "onnx"]),
               help="Model format in the artifact [default: tflite for Keras/SavedModel, onnx for ONNX].")
 @click.option("--calibration", help="Calibration data: a .npz or module:function (needed by int8).")
 @click.option("--eval", "eval_data", help="Evaluation data: a .npz or module:function; 'y' holds labels.")
-@click.option("--max-accuracy-drop", type=float, default=0.01, show_default=True,
-              help="Largest accepted drop (0.01 = one point of accuracy or 1% disagreement).")
+@click.option("--max-accuracy-drop", type=float,
+              help="Largest accepted drop of the quantize step (0.01 = one point of accuracy or 1% disagreement) "
+                   "[default: the recipe file's, else 0.01].")
 @click.option("--name", help="Artifact name [default: the model file's stem].")
 @click.option("--version", "version", type=int, default=1, show_default=True, help="Artifact version (monotonic).")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed for data sampling.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed for data sampling and training.")
 @click.option("--calibration-samples", type=int, default=300, show_default=True)
 @click.option("--eval-samples", type=int, default=1000, show_default=True)
 @click.option("--latency-runs", type=int, default=50, show_default=True)
 @click.option("--labels", type=click.Path(path_type=Path), help="Text file with one class label per line.")
 @click.option("--preprocessing", type=click.Path(path_type=Path), help="JSON describing input preprocessing.")
 @click.option("--no-plot", is_flag=True, help="Do not write the candidates plot.")
+@click.option("--recipe-file", type=click.Path(path_type=Path),
+              help="TOML recipe chaining distill -> prune -> quantize (flags override it).")
+@click.option("--train", "train_data", help="Training data with labels 'y' (needed to distill or prune).")
+@click.option("--prune", type=float, help="Target sparsity, the share of weights set to zero, in [0, 1).")
+@click.option("--prune-schedule", type=click.Choice(["constant", "polynomial"]),
+              help="How sparsity rises while fine-tuning [default: polynomial].")
+@click.option("--structured", help="N:M sparsity such as 2:4 (at most N nonzeros in each group of M).")
+@click.option("--layer-sparsity", multiple=True, callback=_layer_sparsity, metavar="LAYER=S",
+              help="Per-layer target, repeatable (0 leaves a layer dense).")
+@click.option("--student", type=click.Path(path_type=Path), help="Student .keras file to distill into.")
+@click.option("--student-width", type=float, help="Make the student from the teacher, every layer this wide, in (0, 1).")
+@click.option("--temperature", type=float, help="Distillation temperature [default: 4].")
+@click.option("--alpha", type=float, help="Weight of the label loss against the teacher's [default: 0.1].")
+@click.option("--epochs", type=int, help="Training epochs of each stage [default: 30 distill, 10 prune].")
+@click.option("--batch-size", type=int, help="Training batch size [default: 64].")
+@click.option("--learning-rate", type=float, help="Adam learning rate [default: 0.001].")
+@click.option("--patience", type=int, help="Stop after this many epochs without a better eval score [default: 3].")
+@click.option("--tuner", type=click.Choice(["inc"]),
+              help="Accuracy-aware int8 tuning with Intel Neural Compressor (ONNX; see README).")
 @json_option
 def optimize(model, output, key, recipe, fmt, calibration, eval_data, max_accuracy_drop, name, version, seed,
-             calibration_samples, eval_samples, latency_runs, labels, preprocessing, no_plot, as_json) -> None:
+             calibration_samples, eval_samples, latency_runs, labels, preprocessing, no_plot, recipe_file,
+             train_data, prune, prune_schedule, structured, layer_sparsity, student, student_width, temperature,
+             alpha, epochs, batch_size, learning_rate, patience, tuner, as_json) -> None:
     """Turn MODEL (.keras, SavedModel dir or .onnx) into a signed, measured artifact."""
     from .config import OptimizeConfig
     from .optimizer import optimize as run_optimize
-    from .report import candidates_table
 
     config = OptimizeConfig(model=model, output=output, key=key, recipe=recipe, format=fmt,
                             calibration=calibration, eval=eval_data, max_accuracy_drop=max_accuracy_drop,
                             name=name, version=version, seed=seed, calibration_samples=calibration_samples,
                             eval_samples=eval_samples, latency_runs=latency_runs, labels=labels,
-                            preprocessing=preprocessing, plot=not no_plot)
+                            preprocessing=preprocessing, plot=not no_plot, recipe_file=recipe_file,
+                            train=train_data, prune=prune, prune_schedule=prune_schedule, structured=structured,
+                            layer_sparsity=layer_sparsity, student=student, student_width=student_width,
+                            temperature=temperature, alpha=alpha, epochs=epochs, batch_size=batch_size,
+                            learning_rate=learning_rate, patience=patience, tuner=tuner)
     console = _console()
     try:
         with _progress(console) as step:
             result = run_optimize(config, on_step=step)
     except AccuracyGoalNotMet as exc:
         if exc.result is not None:
-            _show_result(exc.result, as_json, console, candidates_table)
+            _show_result(exc.result, as_json)
         raise
-    _show_result(result, as_json, console, candidates_table)
+    _show_result(result, as_json)
 
 
-def _show_result(result, as_json, console, candidates_table) -> None:
+def _show_result(result, as_json) -> None:
+    from .report import candidates_table, stages_table
+
     if as_json:
         _emit(result.to_dict())
         return
     out = stdout_console()
+    if result.stages:
+        out.print(stages_table(result))
     out.print(candidates_table(result))
     c = result.chosen
-    out.print(f"kept [bold]{c.recipe}[/]: {c.bytes} bytes, drop {c.quality.drop:.4f} "
-              f"({c.quality.drop_kind}), median {c.latency.median_ms:.3f} ms -> {result.artifact}")
+    out.print(f"kept [bold]{c.recipe}[/]: {c.bytes} bytes ({c.zstd_bytes} zstd), drop {c.quality.drop:.4f} "
+              f"({c.quality.drop_kind}), median {c.latency.median_ms:.3f} ms -> {result.artifact} "
+              f"({result.artifact_bytes} bytes to ship)")
     if result.plot:
         out.print(f"plot: {result.plot}")
 

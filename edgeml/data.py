@@ -241,6 +241,16 @@ def _conform(x: np.ndarray, spec: TensorSpec, role: str, whole: bool = False) ->
     )
 
 
+def rename_inputs(dataset: Dataset, old: Sequence[TensorSpec], new: Sequence[TensorSpec]) -> Dataset:
+    """The same samples keyed by another model's input names, matched by position (a student
+    model checked to take the teacher's inputs may have named them differently)."""
+    old_names, new_names = [s.name for s in old], [s.name for s in new]
+    if old_names == new_names:
+        return dataset
+    return Dataset({n: dataset.inputs[o] for o, n in zip(old_names, new_names)}, dataset.labels,
+                   dict(dataset.provenance), dataset.whole)
+
+
 def save_npz(path, inputs: Dict[str, np.ndarray], labels: Optional[np.ndarray] = None) -> None:
     """Write a data file edgeml reads back (one array per input, optional labels)."""
     arrays = dict(inputs)

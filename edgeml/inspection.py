@@ -13,7 +13,9 @@ def describe(path) -> dict:
     return {
         "ok": True,
         "artifact": str(Path(path)),
-        "file_bytes": art.size,
+        "file_bytes": art.size,  # what a device downloads
+        "compressed": art.compressed,
+        "unpacked_bytes": art.content_size,
         "model_bytes": len(art.model),
         "key_id": art.key_id,
         "signature_verified": False,
@@ -29,7 +31,9 @@ def render(info: dict, out) -> None:
     metrics = m.get("metrics", {})
     out.print(f"[bold]{m['name']}[/] v{m['version']}  {m.get('format')}  recipe {m.get('recipe')}  "
               f"signed by key {info['key_id']} (not checked: use edgeml verify)")
-    out.print(f"file {info['file_bytes']} bytes, model {info['model_bytes']} bytes, created {m.get('created')}")
+    packing = f"zstd, {info['unpacked_bytes']} unpacked" if info.get("compressed") else "uncompressed"
+    out.print(f"file {info['file_bytes']} bytes to ship ({packing}), model {info['model_bytes']} bytes, "
+              f"created {m.get('created')}")
     io = Table(title="tensors")
     for col in ("", "name", "dtype", "shape", "quantization"):
         io.add_column(col)
@@ -51,5 +55,10 @@ def render(info: dict, out) -> None:
                     f(metrics.get("agreement")), f(metrics.get("cosine"), ".5f"), f(metrics.get("drop")),
                     f(lat.get("median_ms"), ".3f"), f(lat.get("p95_ms"), ".3f"), str(metrics.get("goal_met")))
     out.print(figures)
+    stages = m.get("stages") or []
+    if stages:
+        out.print("stages: " + " -> ".join(
+            f"{s['stage']} ({s['nonzero_params']:,}/{s['params']:,} nonzero, {s['zstd_bytes']} zstd bytes"
+            f"{'' if s['passed'] else ', rejected'})" for s in stages) + f" -> {m.get('recipe')}")
     src = m.get("lineage", {}).get("source", {})
     out.print(f"source {src.get('file')} ({src.get('kind')}, sha256 {str(src.get('sha256'))[:16]}…)")

@@ -16,13 +16,14 @@ import models  # noqa: E402  (tests/ is on sys.path under pytest)
 
 @pytest.fixture(scope="session")
 def digits_dir(tmp_path_factory):
-    """digits.keras (trained), calib.npz, eval.npz (with y), labels.txt and keys/ in one folder."""
+    """digits.keras (trained), train.npz and eval.npz (with y), calib.npz, labels.txt and keys/ in one folder."""
     from edgeml.signing import generate_keys
 
     out = tmp_path_factory.mktemp("digits")
     model, splits = models.train_digits_cnn(epochs=10, seed=0)
     model.save(out / "digits.keras")
     name = models.INPUT_NAME
+    np.savez(out / "train.npz", **{name: splits["train"][0], "y": splits["train"][1]})
     np.savez(out / "calib.npz", **{name: splits["calibration"][0]})
     np.savez(out / "eval.npz", **{name: splits["eval"][0], "y": splits["eval"][1]})
     (out / "labels.txt").write_text("".join(f"{d}\n" for d in range(10)))

@@ -22,6 +22,7 @@ from edgeml.artifact import (
     verify_artifact,
     write_artifact,
 )
+from edgeml import transfer
 from edgeml.errors import InputError, KeyFileError, VerificationError
 from edgeml.runtime import load_runner
 from edgeml.signing import generate_keys, key_id, load_private_key, load_public_key
@@ -101,7 +102,8 @@ def baseline_for(inputs):
     return {name: {"mean": a.mean(axis=0).tolist(), "std": a.std(axis=0).tolist()} for name, a in inputs.items()}
 
 
-def write_tiny(path, tiny_onnx, tiny_selftest, private_key, manifest=None, baseline=None):
+def write_tiny(path, tiny_onnx, tiny_selftest, private_key, manifest=None, baseline=None, compress=False):
+    """Uncompressed unless asked: most tests here are about the ZIP inside the zstd frame."""
     inputs, outputs = tiny_selftest
     return write_artifact(
         path,
@@ -112,6 +114,7 @@ def write_tiny(path, tiny_onnx, tiny_selftest, private_key, manifest=None, basel
         selftest_outputs=outputs,
         baseline=baseline if baseline is not None else baseline_for(inputs),
         private_key=private_key,
+        compress=compress,
     )
 
 
@@ -120,6 +123,10 @@ def tiny_artifact(tmp_path, tiny_onnx, tiny_selftest, keys):
     path = tmp_path / "tiny.edgeml"
     write_tiny(path, tiny_onnx, tiny_selftest, keys[2])
     return path
+
+
+def unpacked(path) -> bytes:
+    return transfer.decompress(path.read_bytes(), 1 << 30)
 
 
 def rezip(src, dst, replace=None, drop=(), add=(), compression=zipfile.ZIP_STORED):
@@ -216,8 +223,9 @@ def test_a_device_can_run_the_pretrained_model_it_reads(tmp_path, keys):
     for name, expected in artifact.selftest_outputs.items():
         np.testing.assert_allclose(rerun[name], expected, rtol=1e-5, atol=1e-6)
     assert np.argmax(rerun[next(iter(rerun))], axis=-1).tolist() == np.argmax(outputs[next(iter(outputs))], axis=-1).tolist()
-    with zipfile.ZipFile(path) as zf:  # stored, not deflated: the container adds only its headers
-        assert artifact.size - sum(i.file_size for i in zf.infolist()) < 1024
+    assert artifact.compressed and artifact.size < artifact.content_size
+    with zipfile.ZipFile(io.BytesIO(unpacked(path))) as zf:  # stored: the ZIP adds only its headers
+        assert artifact.content_size - sum(i.file_size for i in zf.infolist()) < 1024
 
 
 def test_tflite_round_trip(tmp_path, tiny_tflite, keys):
@@ -225,7 +233,7 @@ def test_tflite_round_trip(tmp_path, tiny_tflite, keys):
     path = tmp_path / "tiny_tflite.edgeml"
     write_artifact(
         path, model=tiny_tflite, model_format="tflite", manifest={"name": "t", "version": 1},
-        selftest_inputs=inputs, selftest_outputs=outputs, baseline={}, private_key=keys[2],
+        selftest_inputs=inputs, selftest_outputs=outputs, baseline={}, private_key=keys[2], compress=False,
     )
     artifact = verify_artifact(path, keys[3])
     assert artifact.model_format == "tflite" and artifact.manifest["model_member"] == "model.tflite"
@@ -235,11 +243,71 @@ def test_tflite_round_trip(tmp_path, tiny_tflite, keys):
     np.testing.assert_allclose(rerun["y"], artifact.selftest_outputs["y"], rtol=1e-6)
 
 
+# -- the compressed form (what optimize writes and devices download) ------------------------------
+
+
+@pytest.fixture()
+def packed_artifact(tmp_path, tiny_onnx, tiny_selftest, keys):
+    path = tmp_path / "packed.edgeml"
+    write_tiny(path, tiny_onnx, tiny_selftest, keys[2], compress=True)
+    return path
+
+
+def test_compressed_artifact_is_the_same_zip_in_a_zstd_frame(packed_artifact, tmp_path, tiny_onnx, tiny_selftest, keys):
+    plain = tmp_path / "plain.edgeml"
+    write_tiny(plain, tiny_onnx, tiny_selftest, keys[2])
+    data = packed_artifact.read_bytes()
+    assert data[:4] == transfer.MAGIC and unpacked(packed_artifact) == plain.read_bytes()
+    artifact = verify_artifact(packed_artifact, keys[3])
+    assert artifact.compressed and artifact.size == len(data) < artifact.content_size == plain.stat().st_size
+    assert artifact.sha256 == hashlib.sha256(data).hexdigest()  # of what is shipped
+    assert not verify_artifact(plain, keys[3]).compressed
+
+
+def test_every_single_byte_flip_in_the_compressed_file_is_caught_or_harmless(packed_artifact, tmp_path, keys):
+    """zstd can encode one content in several ways, so a flip may (rarely) still decode to the very
+    same ZIP; then nothing changed that matters. Any flip that changes the content is caught."""
+    data = packed_artifact.read_bytes()
+    content = unpacked(packed_artifact)
+    target = tmp_path / "flipped.edgeml"
+    passed = []
+    for index in range(len(data)):
+        target.write_bytes(flip(data, index))
+        try:
+            verify_artifact(target, keys[3])
+            passed.append(index)
+        except (VerificationError, InputError) as exc:
+            assert "\n" not in str(exc)
+    assert len(passed) < len(data) // 100
+    for index in passed:
+        target.write_bytes(flip(data, index))
+        assert unpacked(target) == content
+
+
+def test_truncated_padded_and_bomb_frames_are_refused(packed_artifact, tmp_path, keys, monkeypatch):
+    import zstandard
+
+    data = packed_artifact.read_bytes()
+    bad = tmp_path / "bad.edgeml"
+    for damaged, reason in ((data[:-10], "damaged"), (data + b"\0" * 8, "damaged")):
+        bad.write_bytes(damaged)
+        with pytest.raises(VerificationError, match=f"cannot be unpacked: .*{reason}"):
+            verify_artifact(bad, keys[3])
+    no_size = zstandard.ZstdCompressor(write_content_size=False).compressobj()
+    bad.write_bytes(no_size.compress(unpacked(packed_artifact)) + no_size.flush())
+    with pytest.raises(VerificationError, match="does not state its size"):
+        verify_artifact(bad, keys[3])
+    bad.write_bytes(transfer.compress(bytes(4 << 20), level=1))  # 4 MiB of zeros in a few hundred bytes
+    monkeypatch.setattr("edgeml.artifact.MAX_ARTIFACT_BYTES", 1 << 20)
+    with pytest.raises(VerificationError, match="more than the 1048576 allowed"):
+        verify_artifact(bad, keys[3])
+
+
 # -- determinism and ZIP compatibility -------------------------------------------------------------
 
 
 def test_same_content_gives_the_same_bytes(tmp_path, tiny_onnx, tiny_selftest, keys):
-    first = write_tiny(tmp_path / "a.edgeml", tiny_onnx, tiny_selftest, keys[2])
+    first = write_tiny(tmp_path / "a.edgeml", tiny_onnx, tiny_selftest, keys[2], compress=True)
     # the same dicts in a different insertion order, written a moment later
     reordered_manifest = dict(reversed(list(manifest_for().items())))
     inputs, outputs = tiny_selftest
@@ -470,7 +538,7 @@ def test_canonical_json():
 
 def test_device_side_imports_stay_light():
     code = (
-        "import sys, edgeml.artifact, edgeml.signing\n"
+        "import sys, edgeml.artifact, edgeml.signing, edgeml.transfer\n"
         "heavy = [m for m in ('tensorflow', 'onnx', 'onnxruntime', 'keras', 'tf2onnx', 'ai_edge_litert') if m in sys.modules]\n"
         "print(','.join(heavy))\n"
     )

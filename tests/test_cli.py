@@ -1,6 +1,7 @@
 """The CLI as a user meets it: --json purity, one-line errors, exit codes, nothing half-written."""
 from __future__ import annotations
 
+import io
 import json
 import os
 import re
@@ -10,6 +11,8 @@ import zipfile
 
 import numpy as np
 import pytest
+
+from edgeml import transfer
 
 from edgeml.cli import main
 
@@ -62,7 +65,8 @@ def test_human_output_is_a_table(artifact, digits_dir, capsys):
 
 def test_tampered_artifact_fails_verify_with_exit_8(artifact, digits_dir, tmp_path):
     bad = tmp_path / "tampered.edgeml"
-    with zipfile.ZipFile(artifact) as src, zipfile.ZipFile(bad, "w") as dst:
+    inner = io.BytesIO(transfer.decompress(artifact.read_bytes(), 1 << 30))
+    with zipfile.ZipFile(inner) as src, zipfile.ZipFile(bad, "w") as dst:
         for item in src.infolist():
             data = src.read(item.filename)
             if item.filename == "model.tflite":

@@ -1,6 +1,7 @@
 """edgeml-agent check: what a device does before it serves an artifact, with device deps only."""
 from __future__ import annotations
 
+import io
 import json
 import subprocess
 import sys
@@ -9,6 +10,7 @@ import zipfile
 import pytest
 
 import edgeml
+from edgeml import transfer
 
 
 @pytest.fixture(scope="module")
@@ -57,10 +59,10 @@ def test_check_refuses_a_model_that_does_not_reproduce_its_outputs(int8_artifact
 
 def test_check_refuses_a_tampered_artifact(int8_artifact, digits_dir, tmp_path):
     bad = tmp_path / "t.edgeml"
-    raw = bytearray(int8_artifact.read_bytes())
-    with zipfile.ZipFile(int8_artifact) as z:
+    raw = bytearray(transfer.decompress(int8_artifact.read_bytes(), 1 << 30))
+    with zipfile.ZipFile(io.BytesIO(raw)) as z:
         info = z.getinfo("model.tflite")
     raw[info.header_offset + 200] ^= 0xFF  # a byte inside the model's data
-    bad.write_bytes(bytes(raw))
+    bad.write_bytes(transfer.compress(bytes(raw)))  # repacked, so only the content is wrong
     proc, _ = _agent("check", bad, "--public-key", digits_dir / "keys" / "signing.pub")
     assert proc.returncode == 8 and proc.stderr.startswith("error: ")
