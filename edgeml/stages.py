@@ -48,8 +48,8 @@ class StageResult:
         }
 
 
-def validate(plan, teacher_model, train_ds: Dataset, train_spec: str):
-    """All checks of the training stages, before any training; returns the student to train (or None)."""
+def validate(plan, teacher_model, train_ds: Dataset, train_spec: str) -> None:
+    """All checks of the training stages, before any training (the student is built to check it)."""
     labels = require_labels(train_ds, "training", train_spec)
     check_labels_fit(labels, first_output(teacher_model, _head(teacher_model, train_ds)), "training")
     student = None
@@ -68,12 +68,13 @@ def validate(plan, teacher_model, train_ds: Dataset, train_spec: str):
         from .pruning import plan as plan_pruning
 
         plan_pruning(student if student is not None else teacher_model, prune_settings(plan.prune))
-    return student
 
 
-def run(plan, original, original_measured, teacher_model, student, train_ds: Dataset, eval_ds: Dataset,
-        measure: Callable, workdir: Path, seed: int, on_step: Callable[[str], None]) -> List[StageResult]:
-    """Train the stages in order; ``measure(model, name)`` returns ``(source, Measured, outputs)``."""
+def run(plan, original, original_measured, teacher_model, train_ds: Dataset, eval_ds: Dataset,
+        measure: Callable, seed: int, on_step: Callable[[str], None]) -> List[StageResult]:
+    """Train the stages in order; ``measure(model, name)`` returns ``(source, Measured, outputs)``.
+
+    ``distill`` builds its student again from the settings (``validate`` only proved it can)."""
     results = [StageResult("original", original_measured, count_params(teacher_model), count_nonzero(teacher_model),
                            source=original)]
     current_model, current = teacher_model, results[0]
