@@ -30,7 +30,7 @@ def stdout_console():
     from rich.console import Console
 
     console = Console()
-    return console if console.is_terminal else Console(width=120)
+    return console if console.is_terminal else Console(width=150)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})

@@ -40,7 +40,7 @@ def stages_table(result):
     for s in result.stages:
         m = s.measured
         gate = "-" if s.max_drop is None else f"≤ {s.max_drop:g}"
-        verdict = "" if s.stage == "original" else ("passed" if s.passed else "rejected: went on from its input")
+        verdict = "" if s.stage == "original" else ("passed" if s.passed else "rejected, its input kept")
         table.add_row(s.stage, f"{s.params:,}", f"{s.nonzero_params:,}", _fmt_bytes(m.bytes), _fmt_bytes(m.zstd_bytes),
                       _ratio(m.zstd_bytes, base), _quality_cell(m.quality),
                       "-" if s.stage == "original" else f"{s.drop:.4f}", gate, f"{m.latency.median_ms:.3f}", verdict)
@@ -99,6 +99,8 @@ def plot_candidates(result, path: Path) -> Optional[Path]:
     if result.stages:
         points.insert(0, ("original fp32", base, base.quality, "s"))
     for m in result.candidates:
+        if result.stages and m.recipe == "fp32":
+            continue  # the same model as the last stage's square
         if m.candidate is not None and not math.isnan(m.latency.median_ms):
             points.append((m.recipe, m, m.total if m.total is not None else m.quality, "o"))
     if not points:
@@ -109,7 +111,7 @@ def plot_candidates(result, path: Path) -> Optional[Path]:
     for name, m, q, marker in points:
         ax.scatter([m.zstd_bytes / 1024], [_score(q, kind)], marker=marker, s=80, edgecolors="black", linewidths=0.5,
                    color="tab:orange" if marker == "s" else "tab:blue")
-        ax.annotate(f"{name}\n{m.latency.median_ms:.2f} ms", (m.zstd_bytes / 1024, _score(q, kind)),
+        ax.annotate(f"{name}\n{m.latency.median_ms:.3g} ms", (m.zstd_bytes / 1024, _score(q, kind)),
                     textcoords="offset points", xytext=(6, 4), fontsize=7)
     front = _frontier([(m.zstd_bytes / 1024, _score(q, kind)) for _, m, q, _ in points])
     ax.step([x for x, _ in front], [y for _, y in front], where="post", color="tab:green", alpha=0.7,
@@ -118,6 +120,11 @@ def plot_candidates(result, path: Path) -> Optional[Path]:
     ax.scatter([result.chosen.zstd_bytes / 1024], [_score(chosen_q, kind)], s=320, facecolors="none",
                edgecolors="red", linewidths=1.5, label=f"kept: {result.chosen.recipe}")
     ax.set_xscale("log")
+    from matplotlib.ticker import FuncFormatter, LogLocator
+
+    ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+    ax.xaxis.set_minor_locator(LogLocator(base=10, subs=()))
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
     ax.set_xlabel("transfer size, zstd (KiB, log scale)")
     ax.set_ylabel(label + (" (vs the original model)" if result.stages else ""))
     ax.set_title("stages (squares) and candidates (circles)" if result.stages else "candidates")
