@@ -35,6 +35,14 @@ def __getattr__(name):
         "load_data": ("edgeml.data", "load_data"),
         "Dataset": ("edgeml.data", "Dataset"),
         "load_runner": ("edgeml.runtime", "load_runner"),
+        # the training stages on their own, for notebooks: Keras model in, Keras model out
+        "prune_model": ("edgeml.pruning", "prune"),
+        "PruneSettings": ("edgeml.pruning", "PruneSettings"),
+        "distill_model": ("edgeml.distill", "distill"),  # not "distill": that is the module's name
+        "DistillSettings": ("edgeml.distill", "DistillSettings"),
+        "TrainSettings": ("edgeml.keras_train", "TrainSettings"),
+        "read_recipe_file": ("edgeml.recipe", "read_recipe_file"),
+        "tune_int8": ("edgeml.inc_tuner", "tune_int8"),
     }
     if name in lazy:
         import importlib
@@ -48,5 +56,6 @@ __all__ = [
     "AccuracyGoalNotMet", "ConversionError", "DataError", "EdgemlError", "InputError", "KeyFileError",
     "UnsupportedModelError", "UsageError", "VerificationError", "OptimizeConfig", "OptimizeResult", "optimize",
     "bench", "describe", "generate_keys", "read_artifact", "verify_artifact", "run_selftest", "load_data",
-    "Dataset", "load_runner",
+    "Dataset", "load_runner", "prune_model", "PruneSettings", "distill_model", "DistillSettings", "TrainSettings",
+    "read_recipe_file", "tune_int8",
 ]

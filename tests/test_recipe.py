@@ -153,3 +153,13 @@ def test_cli_layer_sparsity_syntax(tmp_path):
         capture_output=True, text=True, timeout=120,
     )
     assert proc.returncode == 2 and "should look like dense_1=0.5" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_the_stages_are_public_api():
+    import edgeml
+    from edgeml import distill, inc_tuner, keras_train, pruning
+
+    assert edgeml.prune_model is pruning.prune and edgeml.PruneSettings is pruning.PruneSettings
+    assert edgeml.distill_model is distill.distill and edgeml.DistillSettings is distill.DistillSettings
+    assert edgeml.TrainSettings is keras_train.TrainSettings and edgeml.tune_int8 is inc_tuner.tune_int8
+    assert set(edgeml.__all__) >= {"prune_model", "distill_model", "read_recipe_file", "tune_int8"}
