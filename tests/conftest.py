@@ -29,3 +29,14 @@ def digits_dir(tmp_path_factory):
     (out / "labels.txt").write_text("".join(f"{d}\n" for d in range(10)))
     generate_keys(out / "keys")
     return out
+
+
+@pytest.fixture()
+def mosquitto(tmp_path):
+    """A running Mosquitto on a free port (anonymous); stopped after the test. Tests that need
+    users, ACLs or TLS build their own ``broker.Mosquitto`` the same way."""
+    from broker import Mosquitto
+
+    server = Mosquitto(tmp_path / "mosquitto").start()
+    yield server
+    server.stop()
