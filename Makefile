@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 INC_VENV := .venv-inc
 INC_STAMP := $(INC_VENV)/.installed
 
-.PHONY: quickstart test bench clean inc
+.PHONY: quickstart test bench clean inc mosquitto
 
 $(STAMP): pyproject.toml tests/model-packages.txt
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -30,8 +30,14 @@ inc: $(INC_STAMP)
 quickstart: $(STAMP)
 	BIN=$(BIN) bash examples/digits/run.sh
 
-test: $(STAMP) $(INC_STAMP)
+test: $(STAMP) $(INC_STAMP) mosquitto
 	$(BIN)/python -m pytest -q
+
+# The MQTT tests start their own Mosquitto processes (Debian's package) on free ports.
+mosquitto:
+	@command -v mosquitto >/dev/null 2>&1 || test -x /usr/sbin/mosquitto || { \
+		SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+		$$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq mosquitto mosquitto-clients; }
 
 bench: $(STAMP) $(INC_STAMP)
 	$(BIN)/python benchmarks/optimize_benchmark.py

@@ -1,7 +1,8 @@
 """``edgeml-agent``: the device-side command.
 
-For now it checks an artifact the way the update path will before it serves one: signature,
-member hashes, then the self-test on this device's runtime. The daemon comes with its own issue.
+``run`` is the daemon (see ``device_agent.daemon``); ``check`` verifies an artifact the way the
+daemon does before it serves one: signature, member hashes, then the self-test on this device's
+runtime.
 """
 from __future__ import annotations
 
@@ -11,7 +12,28 @@ import sys
 
 from edgeml.errors import EdgemlError, VerificationError
 
-EXIT_CODES = "exit codes: 0 ok, 3 unreadable file, 5 runtime cannot load the model, 7 bad key, 8 verification or self-test failed"
+EXIT_CODES = ("exit codes: 0 ok (run: stopped by SIGTERM/SIGINT), 1 internal error, 2 bad option or config, "
+              "3 unreadable file, 5 runtime cannot load the model, 7 bad key, 8 verification or self-test failed")
+RUN_FLAGS = (  # (flag, config key, type, help)
+    ("--artifact", "artifact", str, "the .edgeml artifact to serve"),
+    ("--public-key", "public_key", str, "signing.pub the artifact must verify against"),
+    ("--data-dir", "data_dir", str, "folder for the telemetry queue"),
+    ("--device-id", "device_id", str, "this device's id"),
+    ("--fleet", "fleet", str, "the fleet it belongs to [default: default]"),
+    ("--api", "api", str, "HOST:PORT of the local KServe v2 API, or off [default: 127.0.0.1:8500]"),
+    ("--threads", "threads", int, "runtime threads [default: 1]"),
+    ("--log-level", "log_level", str, "debug, info, warning or error [default: info]"),
+    ("--broker", "broker", str, "mqtt://HOST[:PORT] or mqtts://HOST[:PORT]; leave out to run offline"),
+    ("--username", "username", str, "MQTT user name"),
+    ("--password-file", "password_file", str, "file holding the MQTT password"),
+    ("--ca-file", "ca_file", str, "CA certificate for TLS"),
+    ("--cert-file", "cert_file", str, "client certificate for mutual TLS"),
+    ("--key-file", "key_file", str, "client key for mutual TLS"),
+    ("--queue-max-bytes", "queue_max_bytes", int, "telemetry queue bound; the oldest records go first [default: 64 MiB]"),
+    ("--stats-window", "stats_window_s", float, "seconds per input-statistics record [default: 60]"),
+    ("--system-interval", "system_interval_s", float, "seconds between system records [default: 30]"),
+    ("--max-body-bytes", "max_body_bytes", int, "largest request body; larger get 413 [default: 16 MiB]"),
+)
 
 
 def check(artifact_path, public_key) -> dict:
@@ -29,6 +51,24 @@ def check(artifact_path, public_key) -> dict:
             "format": art.model_format, "key_id": art.key_id, "selftest": st.to_dict()}
 
 
+def run(args) -> dict:
+    """Start the daemon and block until SIGTERM/SIGINT."""
+    import logging
+
+    from .config import load_config
+    from .daemon import Agent
+
+    flags = {key: getattr(args, key) for _, key, _, _ in RUN_FLAGS}
+    config = load_config(args.config, flags)
+    logging.basicConfig(level=config.log_level.upper(), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    agent = Agent(config, flags).start()
+    print(f"ready: {agent.service.name} v{agent.service.version} on {agent.api_url or 'no API'}", file=sys.stderr,
+          flush=True)
+    agent.run_forever()
+    return {"ok": True, "stopped": True, **agent.status()}
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="edgeml-agent", description=__doc__.splitlines()[0], epilog=EXIT_CODES)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -36,17 +76,25 @@ def main(argv=None) -> int:
     p.add_argument("artifact")
     p.add_argument("--public-key", required=True)
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    r = sub.add_parser("run", help="serve an artifact and keep its telemetry (the daemon)", epilog=EXIT_CODES)
+    r.add_argument("--config", help="TOML config file; flags override it")
+    for flag, key, kind, text in RUN_FLAGS:
+        r.add_argument(flag, dest=key, type=kind, help=text)
+    r.add_argument("--json", action="store_true", help="print one JSON object on stdout when it stops")
     args = parser.parse_args(argv)
     try:
-        result = check(args.artifact, args.public_key)
+        result = check(args.artifact, args.public_key) if args.command == "check" else run(args)
     except EdgemlError as exc:
         print(f"error: {exc}", file=sys.stderr)
         if args.json:
             print(json.dumps({"ok": False, "error": {"type": type(exc).__name__, "message": str(exc)}}))
         return exc.exit_code
+    except Exception as exc:  # a bug: one line, not a traceback
+        print(f"internal error: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
     if args.json:
-        print(json.dumps(result))
-    else:
+        print(json.dumps(result, default=str))
+    elif args.command == "check":
         print(f"OK: {result['name']} v{result['version']} ({result['format']}) verified and self-tested")
     return 0
 

@@ -1,0 +1,226 @@
+"""Serve one verified artifact: load, warm up, validate every request, run it. No HTTP here.
+
+``ModelService.load`` refuses an artifact whose signature, hashes or self-test do not check out,
+so a service that exists is one that may serve. ``ModelService.infer`` is the in-process API;
+``LocalClient`` adds the telemetry an app embedding the agent gets for free over HTTP.
+
+Request rules (the same over HTTP, see ``device_agent.kserve``):
+
+* names: every model input exactly once, nothing else; requested outputs must exist.
+* dtypes: the tensor's dtype, or one numpy casts to it "safely" (without losing values): uint8
+  pixels or int16 audio for a float32 input, int32 for an int64 one. float64 for float32 is
+  refused: it would round silently, the caller should choose to. Quantized models take and
+  return float32 (the runtime applies scale and zero point).
+* shapes: the rank must match; dims the model leaves open (None) are free, the others must match.
+  For .tflite models fed in batches, the batch axis is free too (LiteRT resizes its inputs;
+  ONNX Runtime checks fixed dims itself, so there a fixed batch really is fixed).
+* values: float inputs must be finite. The models served here cannot take NaN or infinity: float
+  kernels spread them to every output and quantizing maps them to arbitrary integers.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import replace
+from typing import Dict, List, Optional
+
+import numpy as np
+
+from edgeml.artifact import verify_artifact
+from edgeml.data import Dataset
+from edgeml.errors import VerificationError, first_line
+from edgeml.runtime import load_runner
+from edgeml.selftest import run_selftest
+from edgeml.specs import TensorSpec
+
+from .events import NullSink, TelemetrySink
+
+log = logging.getLogger("edgeml-agent.serving")
+WARMUP_RUNS = 3  # after the self-test: first runs allocate arenas and pack weights
+MAX_INPUT_BYTES = 64 << 20
+
+
+class RequestError(Exception):
+    """A request the service will not run: ``status`` is the HTTP status the API answers with.
+
+    400 bad input (names, dtypes, shapes, values), 404 unknown model or version, 413 too large,
+    500 the runtime failed on an input that passed validation.
+    """
+
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+class ModelService:
+    """One loaded artifact. ``inputs``/``outputs`` are the tensors as callers see them (float for
+    quantized ones); ``ready`` turns true once the self-test and warm-up runs passed."""
+
+    def __init__(self, artifact, runner, inputs: List[TensorSpec], outputs: List[TensorSpec],
+                 max_input_bytes: int = MAX_INPUT_BYTES):
+        self.artifact = artifact
+        self._runner = runner
+        self._lock = threading.Lock()  # LiteRT interpreters are not thread-safe; one run at a time
+        self.inputs = inputs
+        self.outputs = outputs
+        self.max_input_bytes = max_input_bytes
+        self.ready = False
+        self.selftest = None
+
+    @classmethod
+    def load(cls, artifact_path, public_key, num_threads: int = 1,
+             max_input_bytes: int = MAX_INPUT_BYTES) -> "ModelService":
+        """Verify, load and warm up; raise VerificationError (or the loader's error) otherwise."""
+        artifact = verify_artifact(artifact_path, public_key)
+        runner = load_runner(artifact.model, artifact.model_format, num_threads=num_threads)
+        batched = artifact.model_format == "tflite" and not _whole_samples(artifact)
+        inputs = [_served(s, batched) for s in runner.inputs]
+        outputs = [_served(s, batched) for s in runner.outputs]
+        service = cls(artifact, runner, inputs, outputs, max_input_bytes)
+        service._warm_up()
+        return service
+
+    @property
+    def manifest(self) -> dict:
+        return self.artifact.manifest
+
+    @property
+    def name(self) -> str:
+        return self.artifact.manifest["name"]
+
+    @property
+    def version(self) -> int:
+        return self.artifact.manifest["version"]
+
+    @property
+    def sha256(self) -> str:
+        return self.artifact.sha256
+
+    @property
+    def format(self) -> str:
+        return self.artifact.model_format
+
+    def infer(self, inputs: Dict[str, np.ndarray], outputs: Optional[List[str]] = None) -> Dict[str, np.ndarray]:
+        """Validate ``inputs``, run the model, return the requested outputs (all when None)."""
+        feed = self._validate(inputs)
+        names = self._output_names(outputs)
+        try:
+            with self._lock:
+                result = self._runner.run(feed)
+        except Exception as exc:  # LiteRT and ONNX Runtime raise their own untyped errors
+            raise RequestError(500, f"the runtime failed on this request: {first_line(exc)}") from exc
+        return {name: result[name] for name in names}
+
+    # -- loading ----------------------------------------------------------------------------------
+
+    def _warm_up(self) -> None:
+        st = run_selftest(self.artifact, self._runner)
+        if not st.ok:
+            raise VerificationError(
+                f"{self.artifact.path}: self-test failed on output '{st.failed_output}' (max error "
+                f"{st.max_abs_error:.3g} > {st.atol:.3g}); do not serve this model on this device")
+        sample = Dataset(self.artifact.selftest_inputs, whole=_whole_samples(self.artifact)).feed(0)
+        for _ in range(WARMUP_RUNS):
+            self._runner.run(sample)
+        self.selftest = st
+        self.ready = True
+
+    # -- validation -------------------------------------------------------------------------------
+
+    def _validate(self, inputs: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
+        expected = {s.name: s for s in self.inputs}
+        unknown = sorted(set(inputs) - set(expected))
+        if unknown:
+            raise RequestError(400, f"unknown input '{unknown[0]}'; {self.name} takes {_names(self.inputs)}")
+        missing = [n for n in expected if n not in inputs]
+        if missing:
+            raise RequestError(400, f"missing input '{missing[0]}'; {self.name} takes {_names(self.inputs)}")
+        arrays = {name: np.asarray(value) for name, value in inputs.items()}
+        total = sum(a.size * np.dtype(expected[n].dtype).itemsize for n, a in arrays.items())
+        if total > self.max_input_bytes:
+            raise RequestError(413, f"the inputs take {total} bytes, more than the {self.max_input_bytes} allowed; "
+                                    "send smaller batches")
+        return {name: _checked(arrays[name], spec) for name, spec in expected.items()}
+
+    def _output_names(self, outputs: Optional[List[str]]) -> List[str]:
+        known = [s.name for s in self.outputs]
+        if outputs is None:
+            return known
+        for name in outputs:
+            if name not in known:
+                raise RequestError(400, f"unknown output '{name}'; {self.name} returns {_names(self.outputs)}")
+        return list(outputs)
+
+
+class LocalClient:
+    """The in-process API with telemetry: what the HTTP API does for a request, without HTTP.
+
+    Every call reports to ``sink``: ``inference`` when served, ``error`` (then re-raised) when not.
+    A sink that fails is logged and does not fail the call.
+    """
+
+    def __init__(self, service: ModelService, sink: TelemetrySink = NullSink()):
+        self.service = service
+        self.sink = sink
+
+    def infer(self, inputs: Dict[str, np.ndarray], outputs: Optional[List[str]] = None) -> Dict[str, np.ndarray]:
+        started = time.perf_counter()
+        try:
+            result = self.service.infer(inputs, outputs)
+        except RequestError as exc:
+            report_safely(self.sink.error, self.service.name, exc.status, exc.message, _ms(started))
+            raise
+        report_safely(self.sink.inference, self.service.name, self.service.version, _ms(started), inputs, result)
+        return result
+
+
+def report_safely(call, *args) -> None:
+    """Telemetry must never take serving down: a failing sink is logged, the request still answered."""
+    try:
+        call(*args)
+    except Exception:
+        log.exception("telemetry sink failed")
+
+
+def _checked(x: np.ndarray, spec: TensorSpec) -> np.ndarray:
+    want = np.dtype(spec.dtype)
+    if x.dtype != want:
+        if not np.can_cast(x.dtype, want, "safe"):
+            raise RequestError(400, f"input '{spec.name}' is {x.dtype.name}; the model takes {want.name} "
+                                    f"(convert it, e.g. np.asarray(x, np.{want.name}))")
+        x = x.astype(want)
+    if x.ndim != len(spec.shape) or any(d is not None and d != n for d, n in zip(spec.shape, x.shape)):
+        raise RequestError(400, f"input '{spec.name}' has shape {list(x.shape)}; the model takes "
+                                f"{_shape_text(spec.shape)} (? is free)")
+    if x.size == 0:
+        raise RequestError(400, f"input '{spec.name}' is empty (shape {list(x.shape)})")
+    if x.dtype.kind == "f" and not np.isfinite(x).all():
+        bad = int(x.size - np.count_nonzero(np.isfinite(x)))
+        raise RequestError(400, f"input '{spec.name}' holds NaN or infinity in {bad} of {x.size} values; the model "
+                                "cannot take them (they spread to every output, or quantize to arbitrary values)")
+    return x
+
+
+def _served(spec: TensorSpec, batch_free: bool) -> TensorSpec:
+    """The tensor as callers see it: float for quantized tensors, a free batch axis if the runtime allows."""
+    quantized = spec.scale is not None and np.dtype(spec.dtype).kind in "iu"
+    shape = (None,) + tuple(spec.shape[1:]) if batch_free and spec.shape else tuple(spec.shape)
+    return replace(spec, dtype="float32" if quantized else spec.dtype, shape=shape, scale=None, zero_point=None)
+
+
+def _whole_samples(artifact) -> bool:
+    return bool(artifact.manifest.get("selftest", {}).get("whole_samples", False))
+
+
+def _names(specs: List[TensorSpec]) -> str:
+    return ", ".join(s.describe() for s in specs)
+
+
+def _shape_text(shape) -> str:
+    return "[" + ",".join("?" if d is None else str(d) for d in shape) + "]"
+
+
+def _ms(started: float) -> float:
+    return (time.perf_counter() - started) * 1000.0
