@@ -27,7 +27,6 @@ from typing import Dict, List, Optional
 
 import numpy as np
 
-from edgeml.artifact import verify_artifact
 from edgeml.data import Dataset
 from edgeml.errors import VerificationError, first_line
 from edgeml.runtime import load_runner
@@ -35,6 +34,7 @@ from edgeml.selftest import run_selftest
 from edgeml.specs import TensorSpec
 
 from .events import NullSink, TelemetrySink
+from .verifier import read_verified
 
 log = logging.getLogger("edgeml-agent.serving")
 WARMUP_RUNS = 3  # after the self-test: first runs allocate arenas and pack weights
@@ -73,7 +73,7 @@ class ModelService:
     def load(cls, artifact_path, public_key, num_threads: int = 1,
              max_input_bytes: int = MAX_INPUT_BYTES) -> "ModelService":
         """Verify, load and warm up; raise VerificationError (or the loader's error) otherwise."""
-        artifact = verify_artifact(artifact_path, public_key)
+        artifact = read_verified(artifact_path, public_key)  # signature checked in a child process
         runner = load_runner(artifact.model, artifact.model_format, num_threads=num_threads)
         batched = artifact.model_format == "tflite" and not _whole_samples(artifact)
         inputs = [_served(s, batched) for s in runner.inputs]

@@ -1,6 +1,7 @@
 """The ``.edgeml`` artifact: one signed file holding a model and what a device needs to trust it.
 
-Light on purpose (standard library, numpy, cryptography): the device agent imports it.
+Light on purpose (standard library, numpy, zstandard; cryptography only where a signature is
+made or checked): the device agent imports it, and reads artifacts without loading cryptography.
 
 The container is an ordinary ZIP file (``unzip -l`` lists it) with these members, in this order::
 
@@ -40,13 +41,10 @@ from pathlib import Path
 from typing import Dict, List, Optional, Tuple, Union
 
 import numpy as np
-from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from . import transfer
 from .atomic import write_atomic
 from .errors import InputError, KeyFileError, VerificationError
-from .signing import describe_key_type, key_id, load_private_key, load_public_key
 
 logger = logging.getLogger(__name__)
 
@@ -117,6 +115,8 @@ def write_artifact(
     existing file there stays untouched) and no temporary file remains.
     """
     path = Path(path)
+    from .signing import key_id
+
     key = _private_key(private_key)
     if model_format not in MODEL_MEMBERS:
         raise ValueError(f"model_format must be one of {sorted(MODEL_MEMBERS)}, not {model_format!r}")
@@ -182,7 +182,7 @@ def _read_file(path: Path) -> bytes:
         raise InputError(f"cannot read {path}: {exc.strerror or exc}") from exc
 
 
-def _parse(raw: bytes, path: Path, public_key: Optional[ed25519.Ed25519PublicKey]) -> Artifact:
+def _parse(raw: bytes, path: Path, public_key: Optional["ed25519.Ed25519PublicKey"]) -> Artifact:
     """Check ``raw`` (the file's bytes) from the outside in; raise at the first check that fails."""
     data = _unwrap(raw, path)
     zf = _open_zip(data, path)
@@ -362,6 +362,10 @@ def _parse_signature(data: bytes, path: Path) -> Tuple[str, bytes]:
 
 
 def _check_signature(manifest_bytes: bytes, signer: str, signature: bytes, public_key, path: Path) -> None:
+    from cryptography.exceptions import InvalidSignature
+
+    from .signing import key_id
+
     given = key_id(public_key)
     if signer != given:
         raise VerificationError(
@@ -477,7 +481,11 @@ def _zip_stored(members: List[Tuple[str, bytes]]) -> bytes:
     return b"".join(parts) + directory + end
 
 
-def _private_key(private_key) -> ed25519.Ed25519PrivateKey:
+def _private_key(private_key) -> "ed25519.Ed25519PrivateKey":
+    from cryptography.hazmat.primitives.asymmetric import ed25519
+
+    from .signing import describe_key_type, load_private_key
+
     if isinstance(private_key, (str, os.PathLike)):
         return load_private_key(private_key)
     if isinstance(private_key, ed25519.Ed25519PublicKey):
@@ -490,7 +498,11 @@ def _private_key(private_key) -> ed25519.Ed25519PrivateKey:
     return private_key
 
 
-def _public_key(public_key_or_path) -> ed25519.Ed25519PublicKey:
+def _public_key(public_key_or_path) -> "ed25519.Ed25519PublicKey":
+    from cryptography.hazmat.primitives.asymmetric import ed25519
+
+    from .signing import describe_key_type, load_public_key
+
     if isinstance(public_key_or_path, (str, os.PathLike)):
         return load_public_key(public_key_or_path)
     if isinstance(public_key_or_path, ed25519.Ed25519PrivateKey):

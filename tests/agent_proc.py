@@ -16,14 +16,17 @@ from broker import free_port
 
 
 class AgentProcess:
-    def __init__(self, artifact: Path, public_key: Path, data_dir: Path, *, device: str = "dev1", fleet: str = "f1",
+    def __init__(self, artifact: Path, public_key: Path, data_dir: Path, *, device: str = "dev1",
+                 fleet: Optional[str] = "f1",
                  broker: Optional[str] = None, config: Optional[Path] = None, extra: List[str] = ()):
         self.port = free_port()
         self.data_dir = Path(data_dir)
         self.log_path = self.data_dir.parent / f"{device}-agent.log"
         self.args = [sys.executable, "-m", "device_agent.cli", "run", "--artifact", str(artifact),
                      "--public-key", str(public_key), "--data-dir", str(data_dir), "--device-id", device,
-                     "--fleet", fleet, "--api", f"127.0.0.1:{self.port}", *extra]
+                     "--api", f"127.0.0.1:{self.port}", *extra]
+        if fleet:
+            self.args += ["--fleet", fleet]
         if broker:
             self.args += ["--broker", broker]
         if config:
