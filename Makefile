@@ -39,9 +39,10 @@ mosquitto:
 		SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
 		$$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq mosquitto mosquitto-clients; }
 
-bench: $(STAMP) $(INC_STAMP)
+bench: $(STAMP) $(INC_STAMP) mosquitto
 	$(BIN)/python benchmarks/optimize_benchmark.py
 	$(BIN)/python benchmarks/compress_benchmark.py
+	$(BIN)/python benchmarks/agent_benchmark.py
 
 clean:
 	rm -rf build .pytest_cache

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The whole path on a small real task: train, make keys, optimize, inspect, verify, bench,
-# check the artifact the way a device will, then distill -> prune -> quantize by recipe. Run from the repository root (make quickstart).
+# check the artifact the way a device will, distill -> prune -> quantize by recipe, and serve
+# the result with the device agent. Run from the repository root (make quickstart).
 set -euo pipefail
 BIN=${BIN:-.venv/bin}
 OUT=${OUT:-build/quickstart}
@@ -20,4 +21,8 @@ OUT=${OUT:-build/quickstart}
     --train "$OUT/train.npz" --calibration "$OUT/calib.npz" --eval "$OUT/eval.npz" --labels "$OUT/labels.txt" \
     --key "$OUT/keys/signing.key" --name digits-small --version 1 || [ $? -eq 9 ]
 "$BIN/edgeml-agent" check "$OUT/digits-small.edgeml" --public-key "$OUT/keys/signing.pub"
+# The device side: the agent serves the small artifact over its local KServe v2 API.
+rm -rf "$OUT/agent-data"
+"$BIN/python" examples/digits/serve.py "$OUT/digits-small.edgeml" --public-key "$OUT/keys/signing.pub" \
+    --eval "$OUT/eval.npz" --data-dir "$OUT/agent-data" --agent "$BIN/edgeml-agent"
 echo "quickstart done: artifacts $OUT/digits.edgeml and $OUT/digits-small.edgeml, plots $OUT/*.candidates.png"
