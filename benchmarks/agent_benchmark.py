@@ -132,8 +132,21 @@ def fill_queue(path: Path, n: int):
 
 
 def telemetry_rate(broker: Mosquitto, work: Path, n: int) -> dict:
+    """Until every record is acknowledged; a subscriber takes them (without one the agent keeps
+    its records: the broker would answer 'no matching subscribers')."""
+    import paho.mqtt.client as mqtt
+
     from device_agent.mqtt_link import MqttLink
 
+    received = []
+    sub = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
+    sub.on_message = lambda c, u, m: received.append(len(m.payload))
+    subscribed = threading.Event()
+    sub.on_subscribe = lambda *a: subscribed.set()
+    sub.connect("127.0.0.1", broker.port)
+    sub.subscribe("edgeml/v1/bench/+/telemetry", qos=1)
+    sub.loop_start()
+    subscribed.wait(10)
     queue = fill_queue(work / "telemetry.db", n)
     link = MqttLink(broker.url, "bench", "dev-telemetry", queue)
     t = time.perf_counter()
@@ -143,7 +156,10 @@ def telemetry_rate(broker: Mosquitto, work: Path, n: int) -> dict:
     seconds = time.perf_counter() - t
     link.stop()
     queue.close()
-    return {"records": n, "seconds": seconds, "records_per_s": n / seconds, "batch_records": 500}
+    sub.loop_stop()
+    sub.disconnect()
+    return {"records": n, "seconds": seconds, "records_per_s": n / seconds, "batch_records": 500,
+            "messages_received": len(received), "compressed_bytes_per_record": sum(received) / n}
 
 
 def collector_rate(broker: Mosquitto, url: str, work: Path, n: int, tag: str) -> dict:

@@ -32,6 +32,7 @@ from .telemetry import TelemetryQueue
 log = logging.getLogger(__name__)
 
 SESSION_EXPIRY_S = 7 * 24 * 3600  # the broker keeps our session (in-flight batches) through long outages
+NO_MATCHING_SUBSCRIBERS = 0x10  # MQTT 5 PUBACK: accepted, but no subscription matched
 STABLE_S = 10.0  # a connection that lasted this long resets the backoff; a flapping one does not
 DEFAULT_PORTS = {"mqtt": 1883, "mqtts": 8883}
 
@@ -251,6 +252,11 @@ class MqttLink:
         self._refused = reason.is_failure
         if self._refused:
             self._error(f"broker refused a telemetry batch: {reason}")
+            return False
+        if reason.value == NO_MATCHING_SUBSCRIBERS:
+            # The broker took the batch but nobody will get it: no collector has subscribed (or
+            # a restarted broker lost their sessions). Keep the records and try again later.
+            self._error("no collector is subscribed to telemetry; keeping the records and retrying")
             return False
         self._status["last_error"] = None
         self.queue.delete(r["seq"] for r in records)

@@ -41,10 +41,12 @@ class Subscriber:
     """Collects what arrives on the device's topics. A ``client_id`` makes its session persistent,
     so messages published while it is away (or the broker restarts) are kept for it."""
 
-    def __init__(self, port: int, client_id: str = ""):
+    def __init__(self, port: int, client_id: str = "", username: str = None, password: str = None):
         self.messages = []
         self._lock = threading.Lock()
         self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5)
+        if username:
+            self.client.username_pw_set(username, password)
         self.client.on_message = self._on_message
         self.client.on_connect = lambda c, *_: c.subscribe(f"{contract.PREFIX}/{FLEET}/{DEVICE}/+", qos=1)
         self.client.reconnect_delay_set(0.1, 0.5)
@@ -124,6 +126,25 @@ def test_records_arrive_exactly_as_queued_and_are_deleted_once_acked(mosquitto, 
                                                              "ts": 0, "reason": "stopped"}
     sub.close()
     queue.close()
+
+
+def test_records_wait_for_a_subscriber(mosquitto, tmp_path):
+    """PUBACK 'no matching subscribers' (e.g. a restarted broker that lost the collectors'
+    sessions) is not delivery: the records stay queued until someone subscribes."""
+    queue = TelemetryQueue(tmp_path / "telemetry.db")
+    queue.append(records(20))
+    agent = link(mosquitto.url, queue, backoff_min=0.05, backoff_max=0.2).start()
+    try:
+        wait_until(lambda: "no collector" in (agent.status()["last_error"] or ""), what="the no-subscriber report")
+        assert queue.stats()["records"] == 20 and agent.status()["published_records"] == 0
+        sub = Subscriber(mosquitto.port)
+        wait_until(lambda: len(sub.records()) >= 20, what="the records, once subscribed")
+        assert [r["seq"] for r in sub.records()][:20] == list(range(1, 21))
+        wait_until(lambda: queue.stats()["records"] == 0, what="deleted after delivery")
+        sub.close()
+    finally:
+        agent.stop(flush_timeout=1)
+        queue.close()
 
 
 def test_refused_batch_stays_queued(tmp_path):
@@ -248,11 +269,13 @@ def test_wrong_password_is_reported_then_the_right_user_connects(tmp_path, monke
         assert [a for a, _ in drawn[:6]] == list(range(6))  # exponential: the attempt grows
         assert all(d <= min(0.3, 0.02 * 2 ** a) for a, d in drawn)
 
-        broker.users = {"dev": "dev-pw"}
+        broker.users = {"dev": "dev-pw", "admin": "admin-pw"}
         broker._write_config()
         broker.restart()
+        collector = Subscriber(broker.port, username="admin", password="admin-pw")
         wait_until(lambda: agent.status()["published_records"] == 5, what="connect with the right user")
         assert agent.status()["last_error"] is None and queue.stats()["records"] == 0
+        collector.close()
     finally:
         agent.stop(flush_timeout=1)
         broker.stop()

@@ -85,7 +85,11 @@ def test_broker_outage_1000_requests_all_collected_exactly_once(artifact, digits
             assert a.infer("digits", {"no_such_input": images[:1]})[0] == 400
         assert a.infer("no_such_model", {"image": images[:1]})[0] == 404
         mosquitto.start()
-        wait_until(lambda: device(db).get("requests") == 1000, 60, "1000 requests collected")
+        try:
+            wait_until(lambda: device(db).get("requests") == 1000, 60, "1000 requests collected")
+        except AssertionError:
+            print("AGENT LOG", a.log()[-3000:], "BROKER LOG", mosquitto.log()[-3000:], "DEVICE", device(db))
+            raise
         time.sleep(1.5)  # anything published twice would show up by now
         d = device(db)
         assert d["requests"] == 1000 and d["errors"] == 6
