@@ -117,7 +117,6 @@ class Agent:
             if reload_requested.is_set():
                 reload_requested.clear()
                 self.reload()
-            self._update_gauges()
         self.stop()
 
     # -- the in-process API --------------------------------------------------------------------
@@ -162,6 +161,11 @@ class Agent:
         from .kserve import ApiServer
 
         api = ApiServer(self.service, self.recorder, host=address[0], port=address[1], max_body_bytes=c.max_body_bytes)
+        # read at scrape time, so /metrics is never staler than the queue
+        api.metrics.gauge_function("edgeml_telemetry_queue_records", "Telemetry records waiting for the broker",
+                                   lambda: [({}, self.queue.stats()["records"])])
+        api.metrics.gauge_function("edgeml_telemetry_dropped_total", "Telemetry records dropped (queue full)",
+                                   lambda: [({}, self.queue.stats()["dropped_total"])])
         api.start()
         return api
 
@@ -180,14 +184,6 @@ class Agent:
         return {"model": self.service.name, "version": self.service.version, "sha256": self.service.sha256,
                 "ready": self.service.ready, "ts": time.time(), "dropped_total": stats["dropped_total"],
                 "queue_records": stats["records"]}
-
-    def _update_gauges(self) -> None:
-        if self.api is None or self.queue is None:
-            return
-        stats = self.queue.stats()
-        metrics = self.api.metrics
-        metrics.gauge("edgeml_telemetry_queue_records", "Telemetry records waiting for the broker").set(stats["records"])
-        metrics.gauge("edgeml_telemetry_dropped_total", "Telemetry records dropped (queue full)").set(stats["dropped_total"])
 
 
 def _changed(old: AgentConfig, new: AgentConfig, keys) -> bool:

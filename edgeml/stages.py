@@ -51,14 +51,15 @@ class StageResult:
 def validate(plan, teacher_model, train_ds: Dataset, train_spec: str) -> None:
     """All checks of the training stages, before any training (the student is built to check it)."""
     labels = require_labels(train_ds, "training", train_spec)
-    check_labels_fit(labels, first_output(teacher_model, _head(teacher_model, train_ds)), "training")
+    y_pred = first_output(teacher_model, _head(teacher_model, train_ds))
+    check_labels_fit(labels, y_pred, "training")
     student = None
     if plan.distill is not None:
         from .distill import check_compatible, check_settings, load_student, make_student
 
         settings = distill_settings(plan.distill)
         check_settings(settings)
-        if output_kind(first_output(teacher_model, _head(teacher_model, train_ds))) == "regression":
+        if output_kind(y_pred) == "regression":
             raise UsageError("distillation needs a classifier (class scores or probabilities as the first output); "
                              "this model's output is not one, so drop the distill stage")
         student = load_student(settings.student, teacher_model) if settings.student else \

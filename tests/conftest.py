@@ -31,6 +31,20 @@ def digits_dir(tmp_path_factory):
     return out
 
 
+@pytest.fixture(scope="session")
+def digits_int8_artifact(digits_dir, tmp_path_factory):
+    """The digits CNN as a signed int8 .tflite artifact named "digits", built once for the
+    device-side tests (they only read it)."""
+    import edgeml
+
+    out = tmp_path_factory.mktemp("artifact") / "digits.edgeml"
+    edgeml.optimize(edgeml.OptimizeConfig(
+        model=digits_dir / "digits.keras", output=out, key=digits_dir / "keys" / "signing.key",
+        calibration=str(digits_dir / "calib.npz"), eval=str(digits_dir / "eval.npz"), recipe="int8",
+        name="digits", latency_runs=5, plot=False))
+    return out
+
+
 @pytest.fixture()
 def mosquitto(tmp_path):
     """A running Mosquitto on a free port (anonymous); stopped after the test. Tests that need

@@ -19,7 +19,6 @@ import pytest
 import tritonclient.http as triton
 from tritonclient.utils import InferenceServerException
 
-import edgeml
 from edgeml import transfer
 from edgeml.artifact import read_artifact, write_artifact
 from edgeml.errors import VerificationError
@@ -49,13 +48,8 @@ def keys(digits_dir):
 
 
 @pytest.fixture(scope="module")
-def digits_artifact(digits_dir, keys, tmp_path_factory):
-    out = tmp_path_factory.mktemp("agent") / "digits.edgeml"
-    edgeml.optimize(edgeml.OptimizeConfig(
-        model=digits_dir / "digits.keras", output=out, key=keys / "signing.key",
-        calibration=str(digits_dir / "calib.npz"), eval=str(digits_dir / "eval.npz"), recipe="int8",
-        latency_runs=5, plot=False))
-    return out
+def digits_artifact(digits_int8_artifact):
+    return digits_int8_artifact
 
 
 @pytest.fixture(scope="module")

@@ -9,20 +9,14 @@ import time
 import numpy as np
 import pytest
 
-import edgeml
 from agent_proc import AgentProcess
 from edgeml.artifact import read_artifact, write_artifact
 from edgeml.signing import generate_keys
 
 
 @pytest.fixture(scope="module")
-def artifact(digits_dir, tmp_path_factory):
-    out = tmp_path_factory.mktemp("daemon") / "digits.edgeml"
-    edgeml.optimize(edgeml.OptimizeConfig(
-        model=digits_dir / "digits.keras", output=out, key=digits_dir / "keys" / "signing.key",
-        calibration=str(digits_dir / "calib.npz"), eval=str(digits_dir / "eval.npz"), recipe="int8",
-        name="digits", latency_runs=5, plot=False))
-    return out
+def artifact(digits_int8_artifact):
+    return digits_int8_artifact
 
 
 def resign(src, dst, key, version: int):

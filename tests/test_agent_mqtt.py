@@ -23,18 +23,10 @@ from device_agent import mqtt_link
 from device_agent.mqtt_link import MqttLink, backoff_delay
 from device_agent.telemetry import TelemetryQueue
 from edgeml import mqtt_contract as contract
+from waiting import wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
 FLEET, DEVICE = "plant-1", "cam-07"
-
-
-def wait_until(predicate, timeout=10.0, what="condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.02)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
 class Subscriber:

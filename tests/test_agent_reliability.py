@@ -13,19 +13,14 @@ import time
 import numpy as np
 import pytest
 
-import edgeml
 from agent_proc import AgentProcess
 from broker import Mosquitto
+from waiting import wait_until
 
 
 @pytest.fixture(scope="module")
-def artifact(digits_dir, tmp_path_factory):
-    out = tmp_path_factory.mktemp("agent") / "digits.edgeml"
-    edgeml.optimize(edgeml.OptimizeConfig(
-        model=digits_dir / "digits.keras", output=out, key=digits_dir / "keys" / "signing.key",
-        calibration=str(digits_dir / "calib.npz"), eval=str(digits_dir / "eval.npz"), recipe="dynamic",
-        name="digits", latency_runs=5, plot=False))
-    return out
+def artifact(digits_int8_artifact):
+    return digits_int8_artifact
 
 
 @pytest.fixture(scope="module")
@@ -58,16 +53,6 @@ def device(db, name="dev1") -> dict:
 
     with open_store(f"sqlite:///{db}") as store:
         return next((d for d in store.devices() if d["device"] == name), {})
-
-
-def wait_until(check, timeout: float = 60.0, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = check()
-        if value:
-            return value
-        time.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def agent(artifact, digits_dir, tmp_path, **kwargs) -> AgentProcess:

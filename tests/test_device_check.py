@@ -9,18 +9,12 @@ import zipfile
 
 import pytest
 
-import edgeml
 from edgeml import transfer
 
 
 @pytest.fixture(scope="module")
-def int8_artifact(digits_dir, tmp_path_factory):
-    out = tmp_path_factory.mktemp("device") / "digits.edgeml"
-    edgeml.optimize(edgeml.OptimizeConfig(
-        model=digits_dir / "digits.keras", output=out, key=digits_dir / "keys" / "signing.key",
-        calibration=str(digits_dir / "calib.npz"), eval=str(digits_dir / "eval.npz"), recipe="int8",
-        latency_runs=10, plot=False))
-    return out
+def int8_artifact(digits_int8_artifact):
+    return digits_int8_artifact
 
 
 def _agent(*args):

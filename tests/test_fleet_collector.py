@@ -5,6 +5,7 @@ presence with a will, retained state.
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 import signal
@@ -24,6 +25,7 @@ from paho.mqtt.reasoncodes import ReasonCode
 from edgeml import mqtt_contract as contract
 from edgeml.cli import main
 from edgeml.fleet import Collector, open_store
+from waiting import wait_until
 
 PG_BASE = os.environ.get("EDGEML_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432/test")
 FLEET = "lab"
@@ -31,14 +33,7 @@ FLEET = "lab"
 
 # --- helpers ------------------------------------------------------------------------------
 
-def wait_for(predicate, timeout=20.0, what="condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
+wait_for = functools.partial(wait_until, timeout=20.0)  # a collector and a broker: give them time
 
 
 def records(first, count, ts=None, error_every=10):
