@@ -30,7 +30,9 @@ inc: $(INC_STAMP)
 quickstart: $(STAMP)
 	BIN=$(BIN) bash examples/digits/run.sh
 
+# The layer contracts (import-linter, in pyproject.toml) run first: a broken layer fails the build.
 test: $(STAMP) $(INC_STAMP) mosquitto
+	$(BIN)/lint-imports
 	$(BIN)/python -m pytest -q
 
 # The MQTT tests start their own Mosquitto processes (Debian's package) on free ports.

@@ -57,7 +57,7 @@ def build_artifact(work: Path) -> tuple:
     import subprocess
 
     import edgeml
-    from edgeml.signing import generate_keys
+    from edgeml.core.signing import generate_keys
 
     data = work / "digits"
     subprocess.run([sys.executable, str(ROOT / "examples" / "digits" / "train.py"), "--out", str(data)], check=True,
@@ -76,8 +76,8 @@ def overhead(artifact: Path, pub: Path, x: np.ndarray, work: Path, n: int) -> di
 
     from device_agent.config import load_config
     from device_agent.daemon import Agent
-    from edgeml.artifact import read_artifact
-    from edgeml.runtime import load_runner
+    from edgeml.core.artifact import read_artifact
+    from edgeml.core.runtime import load_runner
 
     one = x[:1]
     runner = load_runner(read_artifact(artifact).model, "tflite", num_threads=1)
@@ -121,7 +121,7 @@ def rss_and_start(artifact: Path, pub: Path, x: np.ndarray, work: Path, broker: 
 
 
 def fill_queue(path: Path, n: int):
-    from device_agent.telemetry import TelemetryQueue
+    from device_agent.telemetry.queue import TelemetryQueue
 
     queue = TelemetryQueue(path, max_bytes=1 << 30)
     record = {"kind": "inference", "model": "digits", "version": 1, "latency_ms": 0.05,

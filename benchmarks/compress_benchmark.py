@@ -82,7 +82,7 @@ def prepare(name: str, out: Path, epochs: int) -> Path:
 
 def run_row(folder: Path, keys: Path, label: str, extra: dict, seed: int) -> dict:
     import edgeml
-    from edgeml.errors import AccuracyGoalNotMet
+    from edgeml.core.errors import AccuracyGoalNotMet
 
     config = edgeml.OptimizeConfig(
         model=folder / "model.keras", output=folder / f"{label.split()[0]}-{len(extra)}-{extra.get('prune', 0)}.edgeml",
@@ -141,7 +141,7 @@ def main() -> None:
     parser.add_argument("--models", default="digits,wide")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     args = parser.parse_args()
-    from edgeml.signing import generate_keys
+    from edgeml.core.signing import generate_keys
 
     work = Path(tempfile.mkdtemp(prefix="edgeml-compress-bench-"))
     keys = work / "keys"

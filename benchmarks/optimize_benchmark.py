@@ -32,10 +32,13 @@ sys.path.insert(0, str(ROOT / "examples" / "digits"))
 import numpy as np  # noqa: E402
 
 import edgeml  # noqa: E402
-from edgeml.data import Dataset  # noqa: E402
-from edgeml.evaluate import compare, measure_latency, run_dataset  # noqa: E402
-from edgeml.runtime import load_runner  # noqa: E402
-from edgeml.source import load_source  # noqa: E402
+from edgeml.core.data import (
+    Dataset,  # noqa: E402
+    run_dataset,  # noqa: E402
+)
+from edgeml.core.runtime import load_runner  # noqa: E402
+from edgeml.optimizer.evaluate import compare, measure_latency  # noqa: E402
+from edgeml.optimizer.sources.base import load_source  # noqa: E402
 
 
 def log(msg: str) -> None:
@@ -207,7 +210,7 @@ def bench_case(case, work: Path, keys: Path, quick: bool, runs: int) -> list:
         fp32 = source.onnx_bytes() if fmt == "onnx" else None
         methods = {}
         if fmt == "tflite":
-            from edgeml.backends import get_backend, BuildOptions
+            from edgeml.optimizer.backends import BuildOptions, get_backend
             methods["fp32"] = get_backend("tflite").build(source, "fp32", None, BuildOptions()).model
             with contextlib.redirect_stdout(sys.stderr):  # the converter prints its SavedModel export
                 methods.update(tflite_presets(source, calib))

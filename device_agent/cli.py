@@ -10,7 +10,7 @@ import argparse
 import json
 import sys
 
-from edgeml.errors import EdgemlError, VerificationError
+from edgeml.core.errors import EdgemlError, VerificationError
 
 EXIT_CODES = ("exit codes: 0 ok (run: stopped by SIGTERM/SIGINT), 1 internal error, 2 bad option or config, "
               "3 unreadable file, 5 runtime cannot load the model, 7 bad key, 8 verification or self-test failed")
@@ -38,8 +38,8 @@ RUN_FLAGS = (  # (flag, config key, type, help)
 
 def check(artifact_path, public_key) -> dict:
     """Verify and self-test an artifact with only the device's dependencies."""
-    from edgeml.artifact import verify_artifact
-    from edgeml.selftest import run_selftest
+    from edgeml.core.artifact import verify_artifact
+    from edgeml.core.selftest import run_selftest
 
     art = verify_artifact(artifact_path, public_key)
     st = run_selftest(art)

@@ -34,8 +34,8 @@ from pathlib import Path
 from typing import Dict, Optional, Tuple
 from urllib.parse import urlparse
 
-from edgeml.errors import InputError, UsageError
-from edgeml.mqtt_contract import ID_RE
+from edgeml.core.errors import InputError, UsageError
+from edgeml.core.mqtt_contract import ID_RE
 
 LEVELS = ("debug", "info", "warning", "error")
 PATH_KEYS = ("artifact", "public_key", "data_dir", "password_file", "ca_file", "cert_file", "key_file")

@@ -45,7 +45,7 @@ class Agent:
     # -- lifecycle -----------------------------------------------------------------------------
 
     def start(self) -> "Agent":
-        from .telemetry import TelemetryQueue
+        from .telemetry.queue import TelemetryQueue
 
         c = self.config
         self.started = time.monotonic()
@@ -149,7 +149,7 @@ class Agent:
         return ModelService.load(c.artifact, c.public_key, num_threads=c.threads)
 
     def _recorder(self, c: AgentConfig):
-        from .telemetry import Recorder
+        from .telemetry.queue import Recorder
 
         return Recorder(self.queue, self.service.name, self.service.version, stats_window_s=c.stats_window_s,
                         system_interval_s=c.system_interval_s, data_dir=c.data_dir)
@@ -158,7 +158,7 @@ class Agent:
         address = c.api_address
         if address is None:
             return None
-        from .kserve import ApiServer
+        from .api.server import ApiServer
 
         api = ApiServer(self.service, self.recorder, host=address[0], port=address[1], max_body_bytes=c.max_body_bytes)
         # read at scrape time, so /metrics is never staler than the queue

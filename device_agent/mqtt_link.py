@@ -1,6 +1,6 @@
 """The device's MQTT connection: presence, state, and telemetry from the durable queue.
 
-Topics and payloads are ``edgeml.mqtt_contract``'s. MQTT 5, QoS 1, a persistent session
+Topics and payloads are ``edgeml.core.mqtt_contract``'s. MQTT 5, QoS 1, a persistent session
 (``edgeml-{fleet}-{device}``) and a retained will that says offline when the device vanishes.
 A publisher thread sends the oldest batch and deletes its records only once the broker has
 acknowledged them: a batch cut off by a disconnect stays in paho's session and is re-sent on
@@ -25,9 +25,9 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from edgeml import mqtt_contract as contract
+from edgeml.core import mqtt_contract as contract
 
-from .telemetry import TelemetryQueue
+from .telemetry.queue import TelemetryQueue
 
 log = logging.getLogger(__name__)
 

@@ -4,7 +4,7 @@
 so a service that exists is one that may serve. ``ModelService.infer`` is the in-process API;
 ``LocalClient`` adds the telemetry an app embedding the agent gets for free over HTTP.
 
-Request rules (the same over HTTP, see ``device_agent.kserve``):
+Request rules (the same over HTTP, see ``device_agent.api``):
 
 * names: every model input exactly once, nothing else; requested outputs must exist.
 * dtypes: the tensor's dtype, or one numpy casts to it "safely" (without losing values): uint8
@@ -27,13 +27,13 @@ from typing import Dict, List, Optional
 
 import numpy as np
 
-from edgeml.data import Dataset
-from edgeml.errors import VerificationError, first_line
-from edgeml.runtime import load_runner
-from edgeml.selftest import run_selftest
-from edgeml.specs import TensorSpec
+from edgeml.core.data import Dataset
+from edgeml.core.errors import VerificationError, first_line
+from edgeml.core.runtime import load_runner
+from edgeml.core.selftest import run_selftest
+from edgeml.core.specs import TensorSpec
 
-from .events import NullSink, TelemetrySink
+from .telemetry.sink import NullSink, TelemetrySink
 from .verifier import read_verified
 
 log = logging.getLogger("edgeml-agent.serving")

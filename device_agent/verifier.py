@@ -13,7 +13,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from edgeml.errors import EdgemlError, InputError, KeyFileError, VerificationError
+from edgeml.core.errors import EdgemlError, InputError, KeyFileError, VerificationError
 
 ERRORS = {InputError.exit_code: InputError, KeyFileError.exit_code: KeyFileError}
 
@@ -31,7 +31,7 @@ def verify_in_child(artifact_path, public_key, timeout: float = 120.0) -> dict:
 
 def read_verified(artifact_path, public_key):
     """The artifact as read here, after a child verified exactly these bytes."""
-    from edgeml.artifact import read_artifact
+    from edgeml.core.artifact import read_artifact
 
     verified = verify_in_child(artifact_path, public_key)
     artifact = read_artifact(artifact_path)
@@ -42,7 +42,7 @@ def read_verified(artifact_path, public_key):
 
 
 def main(argv=None) -> int:
-    from edgeml.artifact import verify_artifact
+    from edgeml.core.artifact import verify_artifact
 
     path, key = (argv if argv is not None else sys.argv[1:])[:2]
     try:

@@ -5,7 +5,8 @@ dependencies (tensorflow, onnx) load only when a function that needs them runs.
 """
 from __future__ import annotations
 
-from .errors import (
+from .core import __version__
+from .core.errors import (
     AccuracyGoalNotMet,
     ConversionError,
     DataError,
@@ -17,32 +18,30 @@ from .errors import (
     VerificationError,
 )
 
-__version__ = "0.1.0"
-
 
 def __getattr__(name):
     # Lazy re-exports keep `import edgeml` fast and free of numpy-heavy imports.
     lazy = {
-        "OptimizeConfig": ("edgeml.config", "OptimizeConfig"),
-        "optimize": ("edgeml.optimizer", "optimize"),
-        "OptimizeResult": ("edgeml.optimizer", "OptimizeResult"),
-        "bench": ("edgeml.artifact_bench", "bench"),
-        "describe": ("edgeml.inspection", "describe"),
-        "generate_keys": ("edgeml.signing", "generate_keys"),
-        "read_artifact": ("edgeml.artifact", "read_artifact"),
-        "verify_artifact": ("edgeml.artifact", "verify_artifact"),
-        "run_selftest": ("edgeml.selftest", "run_selftest"),
-        "load_data": ("edgeml.data", "load_data"),
-        "Dataset": ("edgeml.data", "Dataset"),
-        "load_runner": ("edgeml.runtime", "load_runner"),
+        "OptimizeConfig": ("edgeml.optimizer.config", "OptimizeConfig"),
+        "optimize": ("edgeml.optimizer.job", "optimize"),
+        "OptimizeResult": ("edgeml.optimizer.job", "OptimizeResult"),
+        "bench": ("edgeml.optimizer.bench", "bench"),
+        "describe": ("edgeml.optimizer.inspection", "describe"),
+        "generate_keys": ("edgeml.core.signing", "generate_keys"),
+        "read_artifact": ("edgeml.core.artifact", "read_artifact"),
+        "verify_artifact": ("edgeml.core.artifact", "verify_artifact"),
+        "run_selftest": ("edgeml.core.selftest", "run_selftest"),
+        "load_data": ("edgeml.core.data", "load_data"),
+        "Dataset": ("edgeml.core.data", "Dataset"),
+        "load_runner": ("edgeml.core.runtime", "load_runner"),
         # the training stages on their own, for notebooks: Keras model in, Keras model out
-        "prune_model": ("edgeml.pruning", "prune"),
-        "PruneSettings": ("edgeml.pruning", "PruneSettings"),
-        "distill_model": ("edgeml.distill", "distill"),  # not "distill": that is the module's name
-        "DistillSettings": ("edgeml.distill", "DistillSettings"),
-        "TrainSettings": ("edgeml.keras_train", "TrainSettings"),
-        "read_recipe_file": ("edgeml.recipe", "read_recipe_file"),
-        "tune_int8": ("edgeml.inc_tuner", "tune_int8"),
+        "prune_model": ("edgeml.optimizer.training.pruning", "prune"),
+        "PruneSettings": ("edgeml.optimizer.training.pruning", "PruneSettings"),
+        "distill_model": ("edgeml.optimizer.training.distill", "distill"),  # not "distill": a module has that name
+        "DistillSettings": ("edgeml.optimizer.training.distill", "DistillSettings"),
+        "TrainSettings": ("edgeml.optimizer.training.keras_train", "TrainSettings"),
+        "read_recipe_file": ("edgeml.optimizer.recipe", "read_recipe_file"),
+        "tune_int8": ("edgeml.optimizer.inc.tuner", "tune_int8"),
     }
     if name in lazy:
         import importlib

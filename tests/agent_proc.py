@@ -11,7 +11,6 @@ from pathlib import Path
 from typing import List, Optional
 
 import numpy as np
-
 from broker import free_port
 
 

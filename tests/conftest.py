@@ -17,7 +17,7 @@ import models  # noqa: E402  (tests/ is on sys.path under pytest)
 @pytest.fixture(scope="session")
 def digits_dir(tmp_path_factory):
     """digits.keras (trained), train.npz and eval.npz (with y), calib.npz, labels.txt and keys/ in one folder."""
-    from edgeml.signing import generate_keys
+    from edgeml.core.signing import generate_keys
 
     out = tmp_path_factory.mktemp("digits")
     model, splits = models.train_digits_cnn(epochs=10, seed=0)

@@ -15,18 +15,17 @@ import threading
 import zipfile
 
 import numpy as np
+import pretrained
 import pytest
 import tritonclient.http as triton
 from tritonclient.utils import InferenceServerException
 
-from edgeml import transfer
-from edgeml.artifact import read_artifact, write_artifact
-from edgeml.errors import VerificationError
-from edgeml.runtime import load_runner
-
-import pretrained
-from device_agent.kserve import ApiServer
+from device_agent.api.server import ApiServer
 from device_agent.serving import LocalClient, ModelService, RequestError
+from edgeml.core import transfer
+from edgeml.core.artifact import read_artifact, write_artifact
+from edgeml.core.errors import VerificationError
+from edgeml.core.runtime import load_runner
 
 MAX_BODY = 1 << 20  # small, so an oversized request is cheap to send
 
@@ -373,7 +372,7 @@ def _resigned_with_wrong_reference(artifact, out, key):
 
 
 def test_load_refuses_what_does_not_verify(digits_artifact, keys, tmp_path):
-    from edgeml.signing import generate_keys
+    from edgeml.core.signing import generate_keys
 
     generate_keys(tmp_path / "other")
     with pytest.raises(VerificationError, match="signed by key"):
@@ -386,7 +385,7 @@ def test_load_refuses_what_does_not_verify(digits_artifact, keys, tmp_path):
 
 
 def test_serving_imports_no_tensorflow(digits_artifact, keys):
-    code = ("import sys, numpy as np; from device_agent.serving import ModelService; import device_agent.kserve; "
+    code = ("import sys, numpy as np; from device_agent.serving import ModelService; import device_agent.api; "
             "s = ModelService.load(sys.argv[1], sys.argv[2]); "
             "s.infer({'image': np.zeros((1, 8, 8, 1), np.float32)}); "
             "print([m for m in ('tensorflow', 'keras', 'tf2onnx', 'onnx') if m in sys.modules])")

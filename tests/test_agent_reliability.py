@@ -12,7 +12,6 @@ import time
 
 import numpy as np
 import pytest
-
 from agent_proc import AgentProcess
 from broker import Mosquitto
 from waiting import wait_until
@@ -150,7 +149,7 @@ def test_refused_credentials_are_reported_and_the_agent_keeps_serving(artifact, 
 def test_presence_and_state_are_retained(artifact, digits_dir, tmp_path, mosquitto):
     import paho.mqtt.client as mqtt
 
-    from edgeml.mqtt_contract import topic
+    from edgeml.core.mqtt_contract import topic
 
     a = agent(artifact, digits_dir, tmp_path, broker=mosquitto.url, device="dev7", fleet="lab").start()
     got = {}

@@ -11,10 +11,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from device_agent import sysstats
-from device_agent.telemetry import Recorder, TelemetryQueue
-from edgeml.mqtt_contract import decode_batch, encode_batch
-from edgeml.stats import baseline_stats
+from device_agent.telemetry import sysstats
+from device_agent.telemetry.queue import Recorder, TelemetryQueue
+from edgeml.core.mqtt_contract import decode_batch, encode_batch
+from edgeml.core.stats import baseline_stats
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -46,7 +46,7 @@ def test_queue_survives_sigkill_and_never_reuses_a_seq(tmp_path):
     script = textwrap.dedent(f"""
         import os, signal, sys
         sys.path.insert(0, {str(ROOT)!r})
-        from device_agent.telemetry import TelemetryQueue
+        from device_agent.telemetry.queue import TelemetryQueue
         q = TelemetryQueue({str(path)!r})
         for i in range(30):
             q.append([{{"kind": "system", "n": i}}])
@@ -180,7 +180,7 @@ def test_recorder_writes_contract_records(tmp_path):
 
 
 def expect_same_as_baseline(summary: dict, x: np.ndarray) -> None:
-    """The recorder's running statistics agree with edgeml.stats on the same inputs (axis convention too)."""
+    """The recorder's running statistics agree with edgeml.core.stats on the same inputs (axis convention too)."""
     baseline = baseline_stats({"x": x})["inputs"]["x"]
     assert summary["axis"] == baseline["axis"]
     for key in ("mean", "std", "min", "max"):

@@ -14,19 +14,19 @@ import zipfile
 import numpy as np
 import pytest
 from cryptography.hazmat.primitives.asymmetric import rsa
+from pretrained import MAGIKA, magika_inputs, model_path
 
-from edgeml.artifact import (
+from edgeml.core import transfer
+from edgeml.core.artifact import (
     SCHEMA_VERSION,
     canonical_json,
     read_artifact,
     verify_artifact,
     write_artifact,
 )
-from edgeml import transfer
-from edgeml.errors import InputError, KeyFileError, VerificationError
-from edgeml.runtime import load_runner
-from edgeml.signing import generate_keys, key_id, load_private_key, load_public_key
-from pretrained import MAGIKA, magika_inputs, model_path
+from edgeml.core.errors import InputError, KeyFileError, VerificationError
+from edgeml.core.runtime import load_runner
+from edgeml.core.signing import generate_keys, key_id, load_private_key, load_public_key
 
 MEMBER_ORDER = ["manifest.json", "signature.json", "baseline.json", "selftest.npz", "model.onnx"]
 
@@ -298,7 +298,7 @@ def test_truncated_padded_and_bomb_frames_are_refused(packed_artifact, tmp_path,
     with pytest.raises(VerificationError, match="does not state its size"):
         verify_artifact(bad, keys[3])
     bad.write_bytes(transfer.compress(bytes(4 << 20), level=1))  # 4 MiB of zeros in a few hundred bytes
-    monkeypatch.setattr("edgeml.artifact.MAX_ARTIFACT_BYTES", 1 << 20)
+    monkeypatch.setattr("edgeml.core.artifact.reader.MAX_ARTIFACT_BYTES", 1 << 20)
     with pytest.raises(VerificationError, match="more than the 1048576 allowed"):
         verify_artifact(bad, keys[3])
 
@@ -538,7 +538,7 @@ def test_canonical_json():
 
 def test_device_side_imports_stay_light():
     code = (
-        "import sys, edgeml.artifact, edgeml.signing, edgeml.transfer\n"
+        "import sys, edgeml.core.artifact, edgeml.core.signing, edgeml.core.transfer\n"
         "heavy = [m for m in ('tensorflow', 'onnx', 'onnxruntime', 'keras', 'tf2onnx', 'ai_edge_litert') if m in sys.modules]\n"
         "print(','.join(heavy))\n"
     )

@@ -12,9 +12,8 @@ import zipfile
 import numpy as np
 import pytest
 
-from edgeml import transfer
-
 from edgeml.cli import main
+from edgeml.core import transfer
 
 
 def _run(*args, cwd=None):
@@ -165,9 +164,8 @@ def test_import_and_help_do_not_load_tensorflow():
 def test_unsupported_op_exits_5_before_anything_is_written(tmp_path, digits_dir):
     """A SavedModel using tf.math.igamma (no LiteRT kernel) and an ONNX model with a custom op."""
     import onnx
-    from onnx import TensorProto, helper
-
     import tensorflow as tf
+    from onnx import TensorProto, helper
 
     class UsesIgamma(tf.Module):
         @tf.function(input_signature=[tf.TensorSpec([None, 4], tf.float32, name="x")])
@@ -210,7 +208,7 @@ def test_module_function_data_through_the_cli(digits_dir, tmp_path):
                 "--calibration-samples", "120", "--key", digits_dir / "keys" / "signing.key",
                 "--latency-runs", "10", "--no-plot", "--json", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
-    from edgeml.artifact import read_artifact
+    from edgeml.core.artifact import read_artifact
 
     lineage = read_artifact(out).manifest["lineage"]["data"]
     assert lineage["calibration"]["source"] == "stream_digits:calibration"

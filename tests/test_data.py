@@ -4,9 +4,9 @@ import textwrap
 import numpy as np
 import pytest
 
-from edgeml.data import load_data, match_inputs
-from edgeml.errors import DataError, InputError
-from edgeml.specs import TensorSpec
+from edgeml.core.data import load_data, match_inputs
+from edgeml.core.errors import DataError, InputError
+from edgeml.core.specs import TensorSpec
 
 IMG = TensorSpec("pixels", "float32", (None, 8, 8, 1))
 

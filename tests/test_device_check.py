@@ -9,7 +9,7 @@ import zipfile
 
 import pytest
 
-from edgeml import transfer
+from edgeml.core import transfer
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +37,7 @@ def test_check_refuses_a_model_that_does_not_reproduce_its_outputs(int8_artifact
     """Re-sign an artifact whose reference outputs are wrong: signature fine, self-test must fail."""
     import numpy as np
 
-    from edgeml.artifact import read_artifact, write_artifact
+    from edgeml.core.artifact import read_artifact, write_artifact
 
     art = read_artifact(int8_artifact)
     bad_outputs = {k: np.roll(v, 1, axis=-1) for k, v in art.selftest_outputs.items()}

@@ -5,10 +5,10 @@ import keras
 import numpy as np
 import pytest
 
-from edgeml.data import Dataset, load_data
-from edgeml.distill import DistillSettings, distill, make_student
-from edgeml.errors import DataError, InputError, UsageError
-from edgeml.keras_train import TrainSettings, count_params, output_kind, score
+from edgeml.core.data import Dataset, load_data
+from edgeml.core.errors import DataError, InputError, UsageError
+from edgeml.optimizer.training.distill import DistillSettings, distill, make_student
+from edgeml.optimizer.training.keras_train import TrainSettings, count_params, output_kind, score
 
 # what the product should default to: reaches the teacher on digits in ~15 epochs
 TRAIN = TrainSettings(epochs=30, batch_size=64, learning_rate=2e-3, patience=5)

@@ -35,7 +35,7 @@ def test_readme_starts_with_the_two_commands_and_shows_every_command():
 
 
 def test_exit_codes_in_docs_match_the_exceptions():
-    import edgeml.errors as errors
+    import edgeml.core.errors as errors
 
     text = (ROOT / "docs" / "cli.md").read_text()
     for cls in vars(errors).values():

@@ -4,11 +4,11 @@ from types import SimpleNamespace as NS
 import numpy as np
 import pytest
 
-from edgeml.choose import choose, frontier
-from edgeml.data import Dataset
-from edgeml.errors import DataError
-from edgeml.evaluate import compare, measure_latency
-from edgeml.stats import baseline_stats
+from edgeml.core.data import Dataset
+from edgeml.core.errors import DataError
+from edgeml.core.stats import baseline_stats
+from edgeml.optimizer.choose import choose, frontier
+from edgeml.optimizer.evaluate import compare, measure_latency
 
 
 def test_compare_with_labels_reports_accuracy_drop():

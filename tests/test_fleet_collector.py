@@ -21,11 +21,11 @@ import pytest
 import zstandard
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.reasoncodes import ReasonCode
-
-from edgeml import mqtt_contract as contract
-from edgeml.cli import main
-from edgeml.fleet import Collector, open_store
 from waiting import wait_until
+
+from edgeml.cli import main
+from edgeml.core import mqtt_contract as contract
+from edgeml.fleet import Collector, open_store
 
 PG_BASE = os.environ.get("EDGEML_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432/test")
 FLEET = "lab"

@@ -7,9 +7,9 @@ import time
 from pathlib import Path
 
 import pytest
-
 from broker import Mosquitto
-from edgeml.mqtt_contract import topic
+
+from edgeml.core.mqtt_contract import topic
 
 ROOT = Path(__file__).resolve().parent.parent
 USERS = {"dev1": "pw-dev1", "dev2": "pw-dev2", "collector": "pw-collector", "controller": "pw-controller"}

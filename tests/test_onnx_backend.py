@@ -5,17 +5,17 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import onnx.numpy_helper
+import pretrained
 import pytest
 from onnx import TensorProto, helper
 
-import pretrained
-from edgeml.backends import BuildOptions, get_backend
-from edgeml.backends.onnx import agreement, iter_feeds, quantized_op_counts
-from edgeml.data import Dataset
-from edgeml.errors import ConversionError, InputError, UnsupportedModelError, UsageError
-from edgeml.onnx_prepare import prepare
-from edgeml.onnx_source import load_onnx
-from edgeml.runtime import load_runner
+from edgeml.core.data import Dataset
+from edgeml.core.errors import ConversionError, InputError, UnsupportedModelError, UsageError
+from edgeml.core.runtime import load_runner
+from edgeml.optimizer.backends import BuildOptions, get_backend
+from edgeml.optimizer.backends.onnx import agreement, iter_feeds, quantized_op_counts
+from edgeml.optimizer.sources.onnx import load_onnx
+from edgeml.optimizer.sources.onnx_prepare import prepare
 
 OPTIONS = BuildOptions(seed=0, min_agreement=0.99)
 
@@ -114,7 +114,7 @@ def test_prepare_lifts_constants_and_keeps_the_outputs(which, cls, silero):
     prepared, notes = prepare(original, feed)  # raises ConversionError itself if outputs changed
 
     def constants(graph):
-        from edgeml.onnx_prepare import subgraphs
+        from edgeml.optimizer.sources.onnx_prepare import subgraphs
 
         return sum(n.op_type == "Constant" for n in graph.node) + sum(
             constants(g) for n in graph.node for g in subgraphs(n))
@@ -137,7 +137,7 @@ def test_prepare_refuses_a_change_in_outputs(cls):
     weight_name = next(n for n in broken.graph.node if n.op_type == "Conv").input[1]
     weight = next(t for t in broken.graph.initializer if t.name == weight_name)
     weight.CopyFrom(onnx.numpy_helper.from_array(-onnx.numpy_helper.to_array(weight), weight_name))
-    from edgeml.onnx_prepare import check_same_outputs
+    from edgeml.optimizer.sources.onnx_prepare import check_same_outputs
 
     with pytest.raises(ConversionError, match="changed output"):
         check_same_outputs(original, broken, {"x": cls[1].inputs["x"][:4]})

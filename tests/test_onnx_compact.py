@@ -1,9 +1,9 @@
 """Short internal names: same outputs, fewer bytes, inputs and outputs keep their names."""
 import numpy as np
-
 import pretrained
-from edgeml.onnx_compact import compact_names
-from edgeml.runtime import load_runner
+
+from edgeml.core.runtime import load_runner
+from edgeml.optimizer.backends.onnx_compact import compact_names
 
 
 def test_compacting_keeps_outputs_and_io_names_and_saves_bytes():

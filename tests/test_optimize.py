@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 import edgeml
-from edgeml.artifact import read_artifact, verify_artifact
 from edgeml.cli import main
+from edgeml.core.artifact import read_artifact, verify_artifact
 
 
 def _config(d, out, **kw):

@@ -4,13 +4,13 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pretrained
 import pytest
 
 import edgeml
-import pretrained
-from edgeml.artifact import verify_artifact
 from edgeml.cli import main
-from edgeml.errors import DataError
+from edgeml.core.artifact import verify_artifact
+from edgeml.core.errors import DataError
 
 
 @pytest.fixture(scope="module")
@@ -71,8 +71,8 @@ def test_silero_control_flow_with_state_and_scalar_inputs(tmp_path, keys):
 
 
 def test_mixed_batched_and_whole_inputs_are_refused(tmp_path):
-    from edgeml.data import load_data, match_inputs
-    from edgeml.onnx_source import load_onnx
+    from edgeml.core.data import load_data, match_inputs
+    from edgeml.optimizer.sources.onnx import load_onnx
 
     source = load_onnx(pretrained.model_path(*pretrained.SILERO))
     np.savez(tmp_path / "d.npz", input=np.zeros((4, 512), np.float32), state=np.zeros((4, 2, 1, 128), np.float32),

@@ -8,11 +8,16 @@ import pytest
 
 keras = pytest.importorskip("keras")
 
-from edgeml.data import Dataset  # noqa: E402
-from edgeml.errors import DataError, UsageError  # noqa: E402
-from edgeml.keras_train import TrainSettings, score  # noqa: E402
-from edgeml.pruning import (  # noqa: E402
-    PruneSettings, parse_structured, plan, polynomial_sparsity, prune, sparsity_by_layer,
+from edgeml.core.data import Dataset  # noqa: E402
+from edgeml.core.errors import DataError, UsageError  # noqa: E402
+from edgeml.optimizer.training.keras_train import TrainSettings, score  # noqa: E402
+from edgeml.optimizer.training.pruning import (  # noqa: E402
+    PruneSettings,
+    parse_structured,
+    plan,
+    polynomial_sparsity,
+    prune,
+    sparsity_by_layer,
 )
 
 QUICK = TrainSettings(epochs=2, batch_size=64)  # for tests that check structure, not accuracy

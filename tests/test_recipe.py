@@ -6,9 +6,9 @@ import sys
 
 import pytest
 
-from edgeml.config import OptimizeConfig
-from edgeml.errors import InputError, UsageError
-from edgeml.recipe import build_recipe, read_recipe_file
+from edgeml.core.errors import InputError, UsageError
+from edgeml.optimizer.config import OptimizeConfig
+from edgeml.optimizer.recipe import build_recipe, read_recipe_file
 
 FULL = """
 [train]
@@ -157,7 +157,8 @@ def test_cli_layer_sparsity_syntax(tmp_path):
 
 def test_the_stages_are_public_api():
     import edgeml
-    from edgeml import distill, inc_tuner, keras_train, pruning
+    from edgeml.optimizer.inc import tuner as inc_tuner
+    from edgeml.optimizer.training import distill, keras_train, pruning
 
     assert edgeml.prune_model is pruning.prune and edgeml.PruneSettings is pruning.PruneSettings
     assert edgeml.distill_model is distill.distill and edgeml.DistillSettings is distill.DistillSettings

@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 
 import edgeml
-from edgeml import transfer
-from edgeml.artifact import read_artifact, verify_artifact
-from edgeml.errors import AccuracyGoalNotMet
+from edgeml.core import transfer
+from edgeml.core.artifact import read_artifact, verify_artifact
+from edgeml.core.errors import AccuracyGoalNotMet
 
 
 def _cli(*args, timeout=600):
@@ -153,7 +153,7 @@ def test_a_student_that_does_not_fit_the_teacher(digits_dir, tmp_path):
 
 
 def test_training_stages_refuse_models_that_cannot_be_trained(digits_dir, tmp_path):
-    from edgeml.tf_source import load_keras
+    from edgeml.optimizer.sources.tensorflow import load_keras
 
     onnx_path = tmp_path / "digits.onnx"
     onnx_path.write_bytes(load_keras(digits_dir / "digits.keras").onnx_bytes())

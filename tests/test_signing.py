@@ -8,8 +8,8 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 
-from edgeml.errors import KeyFileError
-from edgeml.signing import (
+from edgeml.core.errors import KeyFileError
+from edgeml.core.signing import (
     PASSWORD_ENV,
     generate_keys,
     key_id,

@@ -1,7 +1,7 @@
 """The Keras/SavedModel source and the TFLite backend, on real models and the real runtimes.
 
 The digits CNN is trained once per module (tests/models.py); every recipe is converted once and
-run through edgeml.runtime, the LiteRT runner a device uses.
+run through edgeml.core.runtime, the LiteRT runner a device uses.
 """
 from __future__ import annotations
 
@@ -9,15 +9,14 @@ import time
 
 import numpy as np
 import pytest
-
-from edgeml.backends import BuildOptions, get_backend
-from edgeml.data import Dataset
-from edgeml.errors import InputError, UnsupportedModelError, UsageError
-from edgeml.runtime import load_runner
-from edgeml.source import load_source
-from edgeml.tf_source import import_tensorflow, load_keras, load_saved_model
-
 from models import accuracy, train_digits_cnn
+
+from edgeml.core.data import Dataset
+from edgeml.core.errors import InputError, UnsupportedModelError, UsageError
+from edgeml.core.runtime import load_runner
+from edgeml.optimizer.backends import BuildOptions, get_backend
+from edgeml.optimizer.sources.base import load_source
+from edgeml.optimizer.sources.tensorflow import import_tensorflow, load_keras, load_saved_model
 
 RECIPES = ("fp32", "float16", "dynamic", "int8")
 
@@ -124,7 +123,7 @@ def test_int8_without_calibration_is_a_usage_error(source):
 
 
 def test_onnx_source_is_a_usage_error(source, tmp_path):
-    pytest.importorskip("edgeml.onnx_source")
+    pytest.importorskip("edgeml.optimizer.sources.onnx")
     path = tmp_path / "digits.onnx"
     path.write_bytes(source.onnx_bytes())
     with pytest.raises(UsageError, match="drop --format tflite"):

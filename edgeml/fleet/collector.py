@@ -31,8 +31,9 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
-from .. import mqtt_contract as contract
-from ..errors import InputError, UsageError, first_line
+from edgeml.core import mqtt_contract as contract
+from edgeml.core.errors import InputError, UsageError, first_line
+
 from .store import Store, check_records
 
 log = logging.getLogger("edgeml.fleet")

@@ -16,7 +16,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Iterable, List, Optional
 
-from ..errors import InputError, UsageError, first_line
+from edgeml.core.errors import InputError, UsageError, first_line
 
 URL_FORMS = ("sqlite:///relative/path.db, sqlite:////absolute/path.db "
              "or postgresql://user@host:port/database")

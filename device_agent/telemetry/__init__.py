@@ -1,0 +1,7 @@
+"""Telemetry on the device: what serving reports (``sink``), the recorder that turns it into records,
+the durable on-disk queue they wait in for the broker, and system statistics."""
+from __future__ import annotations
+
+from .queue import Recorder, TelemetryQueue
+
+__all__ = ["Recorder", "TelemetryQueue"]

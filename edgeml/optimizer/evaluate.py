@@ -1,0 +1,129 @@
+"""Measure a model against the float model: accuracy or agreement, error, latency, bytes.
+
+The accuracy figure that gates a candidate (``drop``) is, in order of preference:
+labels given        -> float accuracy minus candidate accuracy (0.01 = one point)
+classifier outputs  -> 1 - top-1 agreement with the float model
+anything else       -> 1 - mean cosine similarity with the float model
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+from typing import Callable, Dict, Optional
+
+import numpy as np
+
+from edgeml.core.data import Dataset, Outputs
+from edgeml.core.errors import DataError
+
+
+@dataclass
+class Quality:
+    accuracy: Optional[float] = None  # with labels, on the first output
+    agreement: Optional[float] = None  # top-1 agreement with float, worst classifier output
+    cosine: Optional[float] = None  # mean per-sample cosine similarity, worst output
+    max_abs_error: Optional[float] = None
+    drop: float = 0.0
+    drop_kind: str = "cosine"  # "accuracy" | "agreement" | "cosine"
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class Latency:
+    median_ms: float
+    p95_ms: float
+    runs: int
+    threads: int = 1
+    batch: int = 1
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def is_classifier(y: np.ndarray) -> bool:
+    """Class scores: [N, C] or [N, T, C] floats with C > 1."""
+    return y.dtype.kind == "f" and y.ndim in (2, 3) and y.shape[-1] > 1
+
+
+def accuracy(y: np.ndarray, labels: np.ndarray) -> float:
+    if not is_classifier(y):
+        raise DataError(
+            f"eval labels 'y' were given but the model's first output has shape {y.shape[1:]}, "
+            "not class scores; drop 'y' to compare against the float model instead"
+        )
+    labels = np.asarray(labels)
+    if labels.ndim == y.ndim and labels.shape[-1] == y.shape[-1]:
+        labels = labels.argmax(-1)  # one-hot
+    if labels.shape != y.shape[:-1]:
+        raise DataError(
+            f"eval labels 'y' have shape {labels.shape} but the model predicts {y.shape[:-1]}; "
+            "give one class id per sample"
+        )
+    return float(np.mean(y.argmax(-1) == labels))
+
+
+def compare(reference: Outputs, candidate: Outputs, labels: Optional[np.ndarray] = None,
+            reference_accuracy: Optional[float] = None) -> Quality:
+    """Compare candidate outputs with the float reference (same names, same sample order)."""
+    q = Quality()
+    agreements, cosines, errors = [], [], []
+    for name, ref in reference.items():
+        got = np.asarray(candidate[name])
+        ref = np.asarray(ref)
+        if got.shape != ref.shape:
+            raise DataError(f"output '{name}' has shape {got.shape}, the float model gives {ref.shape}")
+        r = ref.astype(np.float64).reshape(len(ref), -1)
+        g = got.astype(np.float64).reshape(len(got), -1)
+        errors.append(float(np.max(np.abs(r - g))) if r.size else 0.0)
+        cosines.append(_cosine(r, g))
+        if is_classifier(ref):
+            agreements.append(float(np.mean(ref.argmax(-1) == got.argmax(-1))))
+    q.cosine = min(cosines) if cosines else None
+    q.max_abs_error = max(errors) if errors else None
+    q.agreement = min(agreements) if agreements else None
+    if labels is not None:
+        first = next(iter(candidate))
+        q.accuracy = accuracy(np.asarray(candidate[first]), labels)
+        base = reference_accuracy if reference_accuracy is not None else accuracy(np.asarray(reference[first]), labels)
+        q.drop, q.drop_kind = max(0.0, base - q.accuracy), "accuracy"
+    elif q.agreement is not None:
+        q.drop, q.drop_kind = 1.0 - q.agreement, "agreement"
+    else:
+        q.drop, q.drop_kind = max(0.0, 1.0 - (q.cosine or 0.0)), "cosine"
+    return q
+
+
+def _cosine(r: np.ndarray, g: np.ndarray) -> float:
+    """Mean per-sample cosine similarity; over the whole batch when a sample is a few numbers
+    (the cosine of a single number is only its sign)."""
+    if r.shape[1] < 8:
+        r, g = r.reshape(1, -1), g.reshape(1, -1)
+    denom = np.linalg.norm(r, axis=1) * np.linalg.norm(g, axis=1)
+    same = np.all(np.isclose(r, g, atol=1e-12), axis=1).astype(float)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        cos = np.where(denom > 0, np.sum(r * g, axis=1) / np.where(denom > 0, denom, 1), same)
+    return float(np.mean(cos))
+
+
+def measure_latency(run: Callable[[Outputs], Outputs], dataset: Dataset, *, warmup: int = 5,
+                    runs: int = 50, budget_s: float = 5.0) -> Latency:
+    """Single-sample latency over warm runs, cycling through the data.
+
+    Stops early when ``budget_s`` is spent (after at least 10 runs) so a big model does not
+    stall the whole optimize run; the number of runs is reported with the figures.
+    """
+    samples = [dataset.feed(i) for i in range(min(len(dataset), 16))]
+    for i in range(warmup):
+        run(samples[i % len(samples)])
+    times = []
+    start = time.perf_counter()
+    for i in range(runs):
+        t0 = time.perf_counter()
+        run(samples[i % len(samples)])
+        times.append(time.perf_counter() - t0)
+        if i >= 9 and time.perf_counter() - start > budget_s:
+            break
+    ms = np.asarray(times) * 1e3
+    return Latency(float(np.median(ms)), float(np.percentile(ms, 95)), len(ms))

@@ -1,0 +1,111 @@
+"""An ONNX file as an edgeml source model: its specs, its hash, and float reference outputs.
+
+The reference is always the ORIGINAL file run by ONNX Runtime on CPU with one thread, so every
+candidate built from it is measured against what the user handed in, not a prepared copy.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+from pathlib import Path
+from typing import Dict, List
+
+import numpy as np
+
+from edgeml.core.errors import InputError, UnsupportedModelError
+from edgeml.core.specs import TensorSpec
+
+from .base import SourceModel
+
+log = logging.getLogger(__name__)
+
+# Operator domains ONNX Runtime's CPU build implements kernels for.
+ORT_DOMAINS = ("", "ai.onnx", "ai.onnx.ml", "com.microsoft", "com.microsoft.nchwc", "ai.onnx.preview.training")
+
+
+class OnnxSource(SourceModel):
+    kind = "onnx"
+    default_format = "onnx"
+
+    def __init__(self, path: Path, model_bytes: bytes, runner):
+        self.path = path
+        self.sha256 = hashlib.sha256(model_bytes).hexdigest()
+        self.inputs: List[TensorSpec] = runner.inputs
+        self.outputs: List[TensorSpec] = runner.outputs
+        self._bytes = model_bytes
+        self._runner = runner  # ONNX Runtime, CPU, one thread
+
+    def reference(self, feed: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
+        return self._runner.run(feed)
+
+    def onnx_bytes(self) -> bytes:
+        return self._bytes
+
+
+def load_onnx(path) -> OnnxSource:
+    """Read and check an .onnx file; raise a one-line edgeml error for anything we cannot run."""
+    import onnx
+
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise InputError(f"cannot read {path}: {exc.strerror or exc}") from exc
+    try:
+        model = onnx.load_model_from_string(data)
+    except Exception as exc:  # protobuf's DecodeError and friends
+        raise InputError(f"{path} is not an ONNX model (it does not parse as one); export the model to .onnx") from exc
+    if not model.graph.node and not model.graph.output:
+        raise InputError(f"{path} is not an ONNX model (it holds no graph); export the model to .onnx")
+    _check_external_data(model, path)
+    _check_ops(model, path)
+    from edgeml.core.runtime import load_runner
+
+    runner = load_runner(data, "onnx", num_threads=1)
+    log.debug("loaded %s: %d nodes, opsets %s", path, len(model.graph.node), _opsets(model))
+    return OnnxSource(path, data, runner)
+
+
+def _check_external_data(model, path: Path) -> None:
+    from onnx.external_data_helper import uses_external_data
+
+    for tensor in model.graph.initializer:
+        if uses_external_data(tensor):
+            location = next((e.value for e in tensor.external_data if e.key == "location"), "?")
+            state = "which is missing" if not (path.parent / location).is_file() else "which edgeml does not read"
+            raise UnsupportedModelError(
+                f"{path} keeps weights in the external data file {location} ({state}); models over 2 GB "
+                "are out of scope: edgeml reads single-file ONNX models, so re-export without external data"
+            )
+
+
+def _check_ops(model, path: Path) -> None:
+    """Name ops from domains ONNX Runtime has no kernels for, before ORT fails with a long message."""
+    custom = sorted(
+        {f"{n.domain}::{n.op_type}" for g in _graphs(model.graph) for n in g.node if n.domain not in ORT_DOMAINS}
+    )
+    local_functions = {(f.domain, f.name) for f in model.functions}
+    custom = [c for c in custom if tuple(c.split("::", 1)) not in local_functions]
+    if custom:
+        raise UnsupportedModelError(
+            f"{path} uses custom ops ONNX Runtime has no kernels for: {', '.join(custom)}; "
+            "re-export the model with standard ONNX ops (or as a function-based model)"
+        )
+
+
+def _graphs(graph):
+    """A graph and all its subgraphs (If/Loop/Scan bodies), depth first."""
+    import onnx
+
+    yield graph
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.type == onnx.AttributeProto.GRAPH:
+                yield from _graphs(attr.g)
+            elif attr.type == onnx.AttributeProto.GRAPHS:
+                for g in attr.graphs:
+                    yield from _graphs(g)
+
+
+def _opsets(model) -> dict:
+    return {o.domain or "ai.onnx": o.version for o in model.opset_import}
