@@ -121,7 +121,7 @@ def rss_and_start(artifact: Path, pub: Path, x: np.ndarray, work: Path, broker: 
 
 
 def fill_queue(path: Path, n: int):
-    from device_agent.telemetry.queue import TelemetryQueue
+    from device_agent.telemetry import TelemetryQueue
 
     queue = TelemetryQueue(path, max_bytes=1 << 30)
     record = {"kind": "inference", "model": "digits", "version": 1, "latency_ms": 0.05,

@@ -10,7 +10,7 @@ import argparse
 import json
 import sys
 
-from edgeml.core.errors import EdgemlError, VerificationError
+from edgeml.core.errors import EdgemlError
 
 EXIT_CODES = ("exit codes: 0 ok (run: stopped by SIGTERM/SIGINT), 1 internal error, 2 bad option or config, "
               "3 unreadable file, 5 runtime cannot load the model, 7 bad key, 8 verification or self-test failed")
@@ -42,11 +42,7 @@ def check(artifact_path, public_key) -> dict:
     from edgeml.core.selftest import run_selftest
 
     art = verify_artifact(artifact_path, public_key)
-    st = run_selftest(art)
-    if not st.ok:
-        raise VerificationError(
-            f"self-test failed on output '{st.failed_output}' (max error {st.max_abs_error:.3g} > {st.atol:.3g}); "
-            "do not serve this model on this device")
+    st = run_selftest(art).require_ok("do not serve this model on this device")
     return {"ok": True, "name": art.manifest["name"], "version": art.manifest["version"],
             "format": art.model_format, "key_id": art.key_id, "selftest": st.to_dict()}
 

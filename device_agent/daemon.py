@@ -149,7 +149,7 @@ class Agent:
         return ModelService.load(c.artifact, c.public_key, num_threads=c.threads)
 
     def _recorder(self, c: AgentConfig):
-        from .telemetry.queue import Recorder
+        from .telemetry.recorder import Recorder
 
         return Recorder(self.queue, self.service.name, self.service.version, stats_window_s=c.stats_window_s,
                         system_interval_s=c.system_interval_s, data_dir=c.data_dir)

@@ -28,7 +28,7 @@ from typing import Dict, List, Optional
 import numpy as np
 
 from edgeml.core.data import Dataset
-from edgeml.core.errors import VerificationError, first_line
+from edgeml.core.errors import first_line
 from edgeml.core.runtime import load_runner
 from edgeml.core.selftest import run_selftest
 from edgeml.core.specs import TensorSpec
@@ -116,11 +116,8 @@ class ModelService:
     # -- loading ----------------------------------------------------------------------------------
 
     def _warm_up(self) -> None:
-        st = run_selftest(self.artifact, self._runner)
-        if not st.ok:
-            raise VerificationError(
-                f"{self.artifact.path}: self-test failed on output '{st.failed_output}' (max error "
-                f"{st.max_abs_error:.3g} > {st.atol:.3g}); do not serve this model on this device")
+        st = run_selftest(self.artifact, self._runner).require_ok("do not serve this model on this device",
+                                                                   where=str(self.artifact.path))
         sample = Dataset(self.artifact.selftest_inputs, whole=_whole_samples(self.artifact)).feed(0)
         for _ in range(WARMUP_RUNS):
             self._runner.run(sample)

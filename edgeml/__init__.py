@@ -52,6 +52,7 @@ def __getattr__(name):
 
 
 __all__ = [
+    "__version__",
     "AccuracyGoalNotMet", "ConversionError", "DataError", "EdgemlError", "InputError", "KeyFileError",
     "UnsupportedModelError", "UsageError", "VerificationError", "OptimizeConfig", "OptimizeResult", "optimize",
     "bench", "describe", "generate_keys", "read_artifact", "verify_artifact", "run_selftest", "load_data",

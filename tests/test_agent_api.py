@@ -20,7 +20,7 @@ import pytest
 import tritonclient.http as triton
 from tritonclient.utils import InferenceServerException
 
-from device_agent.api.server import ApiServer
+from device_agent.api import ApiServer
 from device_agent.serving import LocalClient, ModelService, RequestError
 from edgeml.core import transfer
 from edgeml.core.artifact import read_artifact, write_artifact

@@ -42,7 +42,7 @@ def one_error_line(stderr: str) -> str:
 
 
 def test_serves_offline_and_stops_cleanly_on_sigterm(artifact, digits_dir, tmp_path):
-    from device_agent.telemetry.queue import TelemetryQueue
+    from device_agent.telemetry import TelemetryQueue
 
     a = AgentProcess(artifact, digits_dir / "keys" / "signing.pub", tmp_path / "data").start()
     with np.load(digits_dir / "eval.npz") as data:
@@ -170,7 +170,7 @@ print(json.dumps({{"shape": list(out["output_0"].shape), "status": status, "heav
     assert proc.returncode == 0, proc.stderr
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result == {"shape": [3, 10], "status": 400, "heavy": []}
-    from device_agent.telemetry.queue import TelemetryQueue
+    from device_agent.telemetry import TelemetryQueue
 
     with TelemetryQueue(tmp_path / "data" / "telemetry.db") as queue:
         kinds = [r["kind"] for r in queue.peek(100, 1 << 20)]

@@ -22,7 +22,7 @@ from waiting import wait_until
 
 from device_agent import mqtt_link
 from device_agent.mqtt_link import MqttLink, backoff_delay
-from device_agent.telemetry.queue import TelemetryQueue
+from device_agent.telemetry import TelemetryQueue
 from edgeml.core import mqtt_contract as contract
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -199,7 +199,7 @@ AGENT = """
 import sys, time
 sys.path.insert(0, {root!r})
 from device_agent.mqtt_link import MqttLink
-from device_agent.telemetry.queue import TelemetryQueue
+from device_agent.telemetry import TelemetryQueue
 agent = MqttLink({url!r}, {fleet!r}, {device!r}, TelemetryQueue({db!r}), state=lambda: {{"ready": True}}).start()
 while not agent.status()["connected"]:
     time.sleep(0.01)

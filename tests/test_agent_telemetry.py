@@ -11,8 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from device_agent.telemetry import sysstats
-from device_agent.telemetry.queue import Recorder, TelemetryQueue
+from device_agent.telemetry import Recorder, TelemetryQueue, sysstats
 from edgeml.core.mqtt_contract import decode_batch, encode_batch
 from edgeml.core.stats import baseline_stats
 
@@ -46,7 +45,7 @@ def test_queue_survives_sigkill_and_never_reuses_a_seq(tmp_path):
     script = textwrap.dedent(f"""
         import os, signal, sys
         sys.path.insert(0, {str(ROOT)!r})
-        from device_agent.telemetry.queue import TelemetryQueue
+        from device_agent.telemetry import TelemetryQueue
         q = TelemetryQueue({str(path)!r})
         for i in range(30):
             q.append([{{"kind": "system", "n": i}}])

@@ -2,6 +2,7 @@
 the durable on-disk queue they wait in for the broker, and system statistics."""
 from __future__ import annotations
 
-from .queue import Recorder, TelemetryQueue
+from .queue import TelemetryQueue
+from .recorder import Recorder
 
 __all__ = ["Recorder", "TelemetryQueue"]

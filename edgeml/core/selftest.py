@@ -10,6 +10,7 @@ from typing import Dict, Optional
 import numpy as np
 
 from .data import Dataset, run_dataset
+from .errors import VerificationError
 from .runtime import Runner, load_runner
 
 
@@ -23,6 +24,14 @@ class SelfTestResult:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    def require_ok(self, advice: str, where: str = "") -> "SelfTestResult":
+        """Raise VerificationError (exit 8), naming the output that failed, unless the self-test passed."""
+        if not self.ok:
+            raise VerificationError(
+                f"{where + ': ' if where else ''}self-test failed on output '{self.failed_output}' (max error "
+                f"{self.max_abs_error:.3g} > {self.atol:.3g}); {advice}")
+        return self
 
 
 def tolerance(outputs: Dict[str, np.ndarray], scales: Dict[str, Optional[float]]) -> float:

@@ -77,7 +77,7 @@ def main() -> int:
     finally:
         agent.terminate()  # SIGTERM: flush telemetry, stop cleanly
         code = agent.wait(30)
-    from device_agent.telemetry.queue import TelemetryQueue
+    from device_agent.telemetry import TelemetryQueue
 
     with TelemetryQueue(args.data_dir / "telemetry.db") as queue:
         print(f"agent stopped (exit {code}); {queue.stats()['records']} telemetry records queued on disk for a broker")
