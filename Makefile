@@ -27,7 +27,7 @@ $(INC_STAMP): requirements-inc.txt
 
 inc: $(INC_STAMP)
 
-quickstart: $(STAMP)
+quickstart: $(STAMP) mosquitto
 	BIN=$(BIN) bash examples/digits/run.sh
 
 # The layer contracts (import-linter, in pyproject.toml) run first: a broken layer fails the build.

@@ -29,10 +29,14 @@ RUN_FLAGS = (  # (flag, config key, type, help)
     ("--ca-file", "ca_file", str, "CA certificate for TLS"),
     ("--cert-file", "cert_file", str, "client certificate for mutual TLS"),
     ("--key-file", "key_file", str, "client key for mutual TLS"),
+    ("--ack-timeout", "ack_timeout_s", float, "seconds without the host's ack before telemetry is sent again [default: 30]"),
     ("--queue-max-bytes", "queue_max_bytes", int, "telemetry queue bound; the oldest records go first [default: 64 MiB]"),
     ("--stats-window", "stats_window_s", float, "seconds per input-statistics record [default: 60]"),
     ("--system-interval", "system_interval_s", float, "seconds between system records [default: 30]"),
     ("--max-body-bytes", "max_body_bytes", int, "largest request body; larger get 413 [default: 16 MiB]"),
+    ("--fetch-timeout", "fetch_timeout_s", float, "seconds before an unanswered block request is repeated, doubling "
+                                                  "[default: 5]"),
+    ("--fetch-attempts", "fetch_attempts", int, "requests per block before a download is reported failed [default: 6]"),
 )
 
 

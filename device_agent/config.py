@@ -16,12 +16,17 @@
     ca_file = "/etc/edgeml/ca.pem"                # TLS; with cert_file and key_file: mutual TLS
     cert_file = "/etc/edgeml/dev1.pem"
     key_file = "/etc/edgeml/dev1.key"
+    ack_timeout_s = 30                            # telemetry the host has not confirmed by then is sent again
 
     [telemetry]
     queue_max_bytes = 67108864                    # drop-oldest beyond this, and count what was dropped
     stats_window_s = 60
     system_interval_s = 30
     max_body_bytes = 16777216                     # larger requests get 413
+
+    [updates]                                     # fleet updates (with a broker)
+    fetch_timeout_s = 5                           # a block request unanswered this long is asked again (doubling)
+    fetch_attempts = 6                            # ... this many times, then the download is reported failed
 
 Relative paths in the file are relative to the file.
 """
@@ -57,10 +62,13 @@ class AgentConfig:
     ca_file: Optional[Path] = None
     cert_file: Optional[Path] = None
     key_file: Optional[Path] = None
+    ack_timeout_s: float = 30.0
     queue_max_bytes: int = 64 << 20
     stats_window_s: float = 60.0
     system_interval_s: float = 30.0
     max_body_bytes: int = 16 << 20
+    fetch_timeout_s: float = 5.0
+    fetch_attempts: int = 6
     source: Optional[Path] = field(default=None, compare=False)  # the TOML file, for SIGHUP
 
     @property
@@ -85,8 +93,9 @@ class AgentConfig:
 
 SECTIONS = {
     "": ("artifact", "public_key", "data_dir", "device_id", "fleet", "api", "threads", "log_level"),
-    "mqtt": ("broker", "username", "password_file", "ca_file", "cert_file", "key_file"),
+    "mqtt": ("broker", "username", "password_file", "ca_file", "cert_file", "key_file", "ack_timeout_s"),
     "telemetry": ("queue_max_bytes", "stats_window_s", "system_interval_s", "max_body_bytes"),
+    "updates": ("fetch_timeout_s", "fetch_attempts"),
 }
 
 
@@ -127,10 +136,10 @@ def check(c: AgentConfig) -> None:
         raise UsageError("mutual TLS needs both cert_file and key_file")
     if c.log_level not in LEVELS:
         raise UsageError(f"log_level {c.log_level!r} must be one of {', '.join(LEVELS)}")
-    for key, low in (("threads", 1), ("queue_max_bytes", 1 << 16), ("max_body_bytes", 1024)):
+    for key, low in (("threads", 1), ("queue_max_bytes", 1 << 16), ("max_body_bytes", 1024), ("fetch_attempts", 1)):
         if int(getattr(c, key)) < low:
             raise UsageError(f"{key} must be at least {low}, got {getattr(c, key)}")
-    for key in ("stats_window_s", "system_interval_s"):
+    for key in ("stats_window_s", "system_interval_s", "ack_timeout_s", "fetch_timeout_s"):
         if not float(getattr(c, key)) > 0:
             raise UsageError(f"{key} must be above 0, got {getattr(c, key)}")
     for key in ("artifact", "public_key", "password_file", "ca_file", "cert_file", "key_file"):
@@ -139,8 +148,8 @@ def check(c: AgentConfig) -> None:
             raise InputError(f"{key} {value} does not exist or is not a file")
 
 
-INTS = ("threads", "queue_max_bytes", "max_body_bytes")
-FLOATS = ("stats_window_s", "system_interval_s")
+INTS = ("threads", "queue_max_bytes", "max_body_bytes", "fetch_attempts")
+FLOATS = ("stats_window_s", "system_interval_s", "ack_timeout_s", "fetch_timeout_s")
 
 
 def _check_type(key: str, value) -> None:
@@ -167,7 +176,7 @@ def _read_toml(path: Path) -> Dict[str, object]:
     for key, value in doc.items():
         if isinstance(value, dict):
             if key not in SECTIONS or not key:
-                raise UsageError(f"config file {path}: unknown section [{key}]; use [mqtt] or [telemetry]")
+                raise UsageError(f"config file {path}: unknown section [{key}]; use [mqtt], [telemetry] or [updates]")
             for sub, sub_value in value.items():
                 values[_known(path, key, sub)] = sub_value
         else:

@@ -7,6 +7,11 @@ to disk and, if a broker is reachable, published; presence goes offline. SIGHUP 
 config file (flags given at start still win) and applies what changed: a new artifact is
 verified and warmed up before it replaces the old one, which serves until then.
 
+With a broker, the agent also takes fleet updates (``device_agent.updates``): the host's desired
+model is fetched, verified, self-tested, swapped in beside the serving one, watched on live
+traffic and committed or rolled back. At start the agent serves what the update state on disk
+says (``serving_path``): the committed model, or the one an interrupted update was at.
+
 ``Agent`` is also the in-process API for apps that embed the agent: ``Agent(config).start()``,
 then ``agent.infer({...})``.
 """
@@ -26,7 +31,8 @@ from .config import AgentConfig, load_config
 log = logging.getLogger("edgeml-agent")
 QUEUE_FILE = "telemetry.db"
 MODEL_KEYS = ("artifact", "public_key", "threads")
-LINK_KEYS = ("broker", "username", "password_file", "ca_file", "cert_file", "key_file", "fleet", "device_id")
+LINK_KEYS = ("broker", "username", "password_file", "ca_file", "cert_file", "key_file", "fleet", "device_id",
+             "ack_timeout_s", "fetch_timeout_s", "fetch_attempts")
 API_KEYS = ("api", "max_body_bytes")
 
 
@@ -37,24 +43,38 @@ class Agent:
         self.service = None
         self.queue = None
         self.recorder = None
+        self.monitor = None  # live health of the serving model, for updates
+        self.sink = None  # what serving reports to: the recorder and the monitor
         self.api = None
         self.link = None
+        self.updates = None
+        self.update_store = None
         self.started = None
         self._stopped = threading.Event()
+        self._swap_lock = threading.Lock()
 
     # -- lifecycle -----------------------------------------------------------------------------
 
     def start(self) -> "Agent":
         from .telemetry.queue import TelemetryQueue
+        from .updates import HealthMonitor, Tee, UpdateStore, serving_path
 
         c = self.config
         self.started = time.monotonic()
         c.data_dir.mkdir(parents=True, exist_ok=True)
-        self.service = self._load_service(c)
+        self.update_store = UpdateStore(c.data_dir)
+        path = serving_path(self.update_store, c.artifact)
+        self.service = self.load(path)
+        if self.update_store.state["state"] in ("idle", "failed"):  # not in the middle of an update
+            self.update_store.adopt(self.service.artifact, path)
+        self.monitor = HealthMonitor()
+        self.monitor.version = self.service.version
         self.queue = TelemetryQueue(c.data_dir / QUEUE_FILE, c.queue_max_bytes)
         self.recorder = self._recorder(c)
+        self.sink = Tee(self.recorder, self.monitor)
         self.api = self._api(c)
         self.link = self._link(c)
+        self.updates = self._updates(c)
         log.info("serving %s v%s (%s) as %s/%s; api %s; broker %s", self.service.name, self.service.version,
                  self.service.format, c.fleet, c.device_id, self.api_url or "off", c.broker or "none (offline)")
         return self
@@ -63,6 +83,8 @@ class Agent:
         if self._stopped.is_set():
             return
         self._stopped.set()
+        if self.updates is not None:
+            self.updates.stop()
         if self.api is not None:
             self.api.stop()
         if self.recorder is not None:
@@ -84,26 +106,26 @@ class Agent:
         logging.getLogger().setLevel(new.log_level.upper())
         if _changed(old, new, MODEL_KEYS):
             try:
-                service = self._load_service(new)
+                service = self.load(new.artifact)
             except Exception as exc:
                 log.error("reload: the new artifact was refused (%s); still serving %s v%s",
                           exc, self.service.name, self.service.version)
                 self.config = replace(new, **{k: getattr(old, k) for k in MODEL_KEYS})
             else:
-                self.service = service
-                self.recorder.close()
-                self.recorder = self._recorder(new)
-                if self.api is not None:
-                    self.api.service, self.api.sink = service, self.recorder
+                self.swap(service)
+                self.update_store.adopt(service.artifact, new.artifact)  # installed by hand: the active model now
                 log.info("reload: now serving %s v%s", service.name, service.version)
         if _changed(old, new, API_KEYS):
             if self.api is not None:
                 self.api.stop()
             self.api = self._api(new)
         if _changed(old, new, LINK_KEYS):
+            if self.updates is not None:
+                self.updates.stop()
             if self.link is not None:
                 self.link.stop(flush_timeout=2.0)
             self.link = self._link(new)
+            self.updates = self._updates(new)
         log.info("reloaded %s", new.source)
 
     def run_forever(self) -> None:
@@ -125,7 +147,7 @@ class Agent:
         """What the HTTP API does, without HTTP: validated, served, counted in telemetry."""
         from .serving import LocalClient
 
-        return LocalClient(self.service, self.recorder).infer(inputs, outputs)
+        return LocalClient(self.service, self.sink).infer(inputs, outputs)
 
     @property
     def api_url(self) -> Optional[str]:
@@ -139,19 +161,44 @@ class Agent:
             "api": self.api_url,
             "queue": self.queue.stats() if self.queue else None,
             "mqtt": self.link.status() if self.link else None,
+            "update": self.updates.status() if self.updates else None,
         }
+
+    # -- what the update engine asks of the agent ---------------------------------------------------
+
+    def load(self, path):
+        """Verify (in a child), load, self-test and warm up an artifact; the service, or raise."""
+        from .serving import ModelService
+
+        return ModelService.load(path, self.config.public_key, num_threads=self.config.threads)
+
+    def swap(self, service) -> None:
+        """Serve ``service`` from the next request on. The one in use finishes the requests it has;
+        telemetry gets a recorder for the new model (the old one flushes its window)."""
+        from .updates import Tee
+
+        with self._swap_lock:
+            old_recorder = self.recorder
+            self.recorder = self._recorder(self.config, service)
+            self.sink = Tee(self.recorder, self.monitor)
+            self.service = service
+            if self.api is not None:
+                self.api.service, self.api.sink = service, self.sink
+        old_recorder.close()
+        self.report()
+
+    def report(self) -> None:
+        """Publish the retained state again (model, update progress)."""
+        if self.link is not None:
+            self.link.publish_state()
 
     # -- parts ---------------------------------------------------------------------------------
 
-    def _load_service(self, c: AgentConfig):
-        from .serving import ModelService
-
-        return ModelService.load(c.artifact, c.public_key, num_threads=c.threads)
-
-    def _recorder(self, c: AgentConfig):
+    def _recorder(self, c: AgentConfig, service=None):
         from .telemetry.recorder import Recorder
 
-        return Recorder(self.queue, self.service.name, self.service.version, stats_window_s=c.stats_window_s,
+        service = service or self.service
+        return Recorder(self.queue, service.name, service.version, stats_window_s=c.stats_window_s,
                         system_interval_s=c.system_interval_s, data_dir=c.data_dir)
 
     def _api(self, c: AgentConfig):
@@ -160,7 +207,7 @@ class Agent:
             return None
         from .api.server import ApiServer
 
-        api = ApiServer(self.service, self.recorder, host=address[0], port=address[1], max_body_bytes=c.max_body_bytes)
+        api = ApiServer(self.service, self.sink, host=address[0], port=address[1], max_body_bytes=c.max_body_bytes)
         # read at scrape time, so /metrics is never staler than the queue
         api.metrics.gauge_function("edgeml_telemetry_queue_records", "Telemetry records waiting for the broker",
                                    lambda: [({}, self.queue.stats()["records"])])
@@ -175,15 +222,31 @@ class Agent:
         from .mqtt_link import MqttLink
 
         link = MqttLink(c.broker, c.fleet, c.device_id, self.queue, username=c.username, password=c.password(),
-                        ca_file=c.ca_file, cert_file=c.cert_file, key_file=c.key_file, state=self._state)
+                        ca_file=c.ca_file, cert_file=c.cert_file, key_file=c.key_file, state=self._state,
+                        ack_timeout=c.ack_timeout_s)
         link.start()
         return link
 
+    def _updates(self, c: AgentConfig):
+        if self.link is None:
+            return None
+        from .updates import UpdateEngine
+        from .verifier import verify_in_child, verify_order_in_child
+
+        return UpdateEngine(self.update_store, self.link, self, self.monitor, fleet=c.fleet, device=c.device_id,
+                            verify_file=lambda path: verify_in_child(path, c.public_key),
+                            verify_order=lambda order: verify_order_in_child(order, c.public_key),
+                            ca_file=c.ca_file, fetch_timeout=c.fetch_timeout_s,
+                            fetch_attempts=c.fetch_attempts).start()
+
     def _state(self) -> dict:
         stats = self.queue.stats()
-        return {"model": self.service.name, "version": self.service.version, "sha256": self.service.sha256,
-                "ready": self.service.ready, "ts": time.time(), "dropped_total": stats["dropped_total"],
-                "queue_records": stats["records"]}
+        state = {"model": self.service.name, "version": self.service.version, "sha256": self.service.sha256,
+                 "content_sha256": self.service.artifact.content_sha256, "ready": self.service.ready,
+                 "ts": time.time(), "dropped_total": stats["dropped_total"], "queue_records": stats["records"]}
+        if self.updates is not None:
+            state["update"] = self.updates.status()
+        return state
 
 
 def _changed(old: AgentConfig, new: AgentConfig, keys) -> bool:

@@ -1,10 +1,16 @@
-"""The device's MQTT connection: presence, state, and telemetry from the durable queue.
+"""The device's MQTT connection: presence, state, telemetry from the durable queue, and the
+messages the host sends it (telemetry acks; the update engine subscribes to its own).
 
 Topics and payloads are ``edgeml.core.mqtt_contract``'s. MQTT 5, QoS 1, a persistent session
 (``edgeml-{fleet}-{device}``) and a retained will that says offline when the device vanishes.
-A publisher thread sends the oldest batch and deletes its records only once the broker has
-acknowledged them: a batch cut off by a disconnect stays in paho's session and is re-sent on
-reconnect, and one re-sent after a crash is deduplicated by the collector (same seqs).
+
+Telemetry is delivered end to end. A publisher thread sends batches in seq order and waits for
+each PUBACK, but a PUBACK only means the broker has the batch: records are deleted when the
+host's retained ``ack`` says it committed them. When no ack moves for ``ack_timeout`` (doubling
+up to ``ack_timeout_max`` while nothing moves), the publisher goes back to the oldest queued
+record and sends again what the broker took and lost (a broker killed before it handed the
+batch on); the collector's (fleet, device, seq) key makes a second copy harmless. At most
+``max_unacked_records`` records are in flight, so a host that is away does not fill the broker.
 
 Reconnection is ours, not paho's (fixed delays, no jitter): exponential backoff with full
 jitter, so a fleet that lost its broker does not come back in lockstep.
@@ -18,7 +24,7 @@ import random
 import ssl
 import threading
 import time
-from typing import Callable, Optional
+from typing import Callable, Dict, Optional
 from urllib.parse import urlsplit
 
 import paho.mqtt.client as mqtt
@@ -77,14 +83,21 @@ class MqttLink:
                  ca_file: Optional[str] = None, cert_file: Optional[str] = None, key_file: Optional[str] = None,
                  insecure: bool = False, keepalive: int = 30, backoff_min: float = 0.5, backoff_max: float = 60.0,
                  batch_records: int = 500, batch_bytes: int = 256 << 10,
-                 state: Optional[Callable[[], dict]] = None):
+                 ack_timeout: float = 30.0, ack_timeout_max: float = 600.0, max_unacked_records: int = 20_000,
+                 state: Optional[Callable[[], dict]] = None, poll_s: float = 0.2):
         self.host, self.port, tls = parse_url(url)
         self.fleet, self.device = contract.check_id(fleet, "fleet"), contract.check_id(device, "device")
         self.queue = queue
         self.keepalive, self.backoff_min, self.backoff_max = keepalive, backoff_min, backoff_max
         self.batch_records, self.batch_bytes = batch_records, batch_bytes
         self._state = state
-        self._topics = {c: contract.topic(fleet, device, c) for c in ("presence", "state", "telemetry")}
+        self.ack_timeout, self.ack_timeout_max = ack_timeout, ack_timeout_max
+        self.max_unacked_records = max_unacked_records
+        self.poll_s = poll_s  # how often idle threads look up (stop, reconnect); messages wake them at once
+        self._sub_lock = threading.Lock()
+        self._subscribed = False  # this connection has subscribed to the handlers' channels
+        self._topics = {c: contract.topic(fleet, device, c) for c in contract.CHANNELS}
+        self._handlers: Dict[str, Callable[[bytes, object], None]] = {"ack": self._on_ack}
         self.client_id = f"edgeml-{fleet}-{device}"
         self._client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=self.client_id, protocol=mqtt.MQTTv5)
         if username is not None:
@@ -94,17 +107,22 @@ class MqttLink:
         self._client.on_connect = self._on_connect
         self._client.on_disconnect = self._on_disconnect
         self._client.on_publish = self._on_publish
+        self._client.on_message = self._on_message
         self._connected = threading.Event()
         self._stopping = threading.Event()
         self._acks = threading.Condition()
         self._acked = {}  # mid -> (serial, reason code) from on_publish; one entry per mid at most
         self._serial = itertools.count(1)
-        self._status = {"last_error": None, "published_batches": 0, "published_records": 0}
+        self._status = {"last_error": None, "published_batches": 0, "published_records": 0, "resent_records": 0}
         self._threads = []
         self._connected_at: Optional[float] = None
         self._stop_by = 0.0
         self._refused = False  # the last telemetry batch was refused
         self._refused_connect = False  # this session's CONNACK was a refusal
+        self._cursor: Optional[int] = None  # the last seq the broker took in this pass (None: start at the oldest)
+        self._host_seq = 0  # the host's watermark for this queue's epoch
+        self._progress_at = time.monotonic()  # when the watermark last moved (or we last went back)
+        self._resend_after = ack_timeout
 
     # -- public ------------------------------------------------------------------------------
 
@@ -115,8 +133,28 @@ class MqttLink:
             self._threads.append(thread)
         return self
 
+    @property
+    def connected(self) -> bool:
+        return self._connected.is_set()
+
     def status(self) -> dict:
-        return {**self._status, "connected": self._connected.is_set()}
+        return {**self._status, "connected": self._connected.is_set(), "acked_through": self._host_seq}
+
+    def subscribe(self, channel: str, handler: Callable[[bytes, object], None]) -> None:
+        """Call ``handler(payload, properties)`` for every message on this device's ``channel``
+        (subscribed at each connect, QoS 1). Handlers run on the network thread: hand work off."""
+        with self._sub_lock:  # on_connect subscribes what is registered; later ones subscribe here
+            self._handlers[channel] = handler
+            if self._subscribed:
+                self._client.subscribe(self._topics[channel], qos=1)
+
+    def publish(self, channel: str, payload: bytes, retain: bool = False, **properties) -> bool:
+        """Publish on this device's ``channel`` (QoS 1); False when not connected (nothing is queued)."""
+        if not self._connected.is_set():
+            return False
+        info = self._client.publish(self._topics[channel], payload, qos=1, retain=retain,
+                                    properties=_properties(PacketTypes.PUBLISH, **properties) if properties else None)
+        return info.rc == mqtt.MQTT_ERR_SUCCESS
 
     def publish_state(self) -> None:
         """Publish the state again (retained), e.g. after the model changed."""
@@ -131,10 +169,11 @@ class MqttLink:
                              properties=_properties(PacketTypes.PUBLISH, ContentType="application/json"))
 
     def stop(self, flush_timeout: float = 5.0) -> None:
-        """Publish what is queued (while connected, within ``flush_timeout``), say offline, disconnect.
-        Whatever is left stays in the queue for the next start."""
+        """Hand what is queued to the broker (while connected, within ``flush_timeout``), say offline,
+        disconnect. Records stay in the queue until the host acknowledges them, also across restarts."""
         self._stop_by = time.monotonic() + flush_timeout
-        while self._connected.is_set() and self.queue.stats()["records"] and time.monotonic() < self._stop_by:
+        while (self._connected.is_set() and self.queue.has_records_after(self._cursor)
+               and time.monotonic() < self._stop_by):
             time.sleep(0.02)
         self._stopping.set()
         for thread in self._threads:
@@ -172,7 +211,7 @@ class MqttLink:
             self._error(f"cannot connect to {self.host}:{self.port}: {exc}")
             return
         while not self._stopping.is_set():
-            if self._client.loop(timeout=0.1) != mqtt.MQTT_ERR_SUCCESS:
+            if self._client.loop(timeout=self.poll_s / 2) != mqtt.MQTT_ERR_SUCCESS:
                 return
         self._leave()
 
@@ -204,17 +243,45 @@ class MqttLink:
         if not self._refused:  # a refused batch stays the news until a batch goes through
             self._status["last_error"] = None
         self._connected_at = time.monotonic()
+        with self._sub_lock:
+            client.subscribe([(self._topics[channel], 1) for channel in self._handlers])
+            self._subscribed = True
         client.publish(self._topics["presence"], self._presence("online"), qos=1, retain=True)
         self.publish_state()
         self._connected.set()
 
     def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
+        with self._sub_lock:
+            self._subscribed = False
         if not self._stopping.is_set():
             if self._connected.is_set():
                 self._error(f"connection to {self.host}:{self.port} lost: {reason_code}")
             elif self._connected_at is None and not self._refused_connect:  # e.g. our TLS client certificate refused
                 self._error(f"broker {self.host}:{self.port} closed the connection before accepting it: {reason_code}")
         self._connected.clear()
+
+    def _on_message(self, client, userdata, message) -> None:
+        try:
+            channel = contract.parse_topic(message.topic)[2]
+            handler = self._handlers.get(channel)
+            if handler is not None:
+                handler(message.payload, message.properties)
+        except Exception:  # a bad message or a handler's bug must not take the connection down
+            log.exception("mqtt: cannot handle a message on %s", getattr(message, "topic", "?"))
+
+    def _on_ack(self, payload: bytes, properties) -> None:
+        """The host committed our telemetry up to a seq: delete it here."""
+        if not payload:
+            return  # a retained ack being cleared
+        epoch, seq = contract.decode_ack(payload)
+        if epoch != self.queue.epoch:
+            log.debug("mqtt: ignoring an ack for queue epoch %s (ours is %s)", epoch, self.queue.epoch)
+            return
+        if seq > self._host_seq:
+            self._host_seq = seq
+            self.queue.delete_through(seq)
+            self._progress_at = time.monotonic()
+            self._resend_after = self.ack_timeout
 
     def _on_publish(self, client, userdata, mid, reason_code, properties) -> None:
         with self._acks:
@@ -226,10 +293,16 @@ class MqttLink:
     def _run_publisher(self) -> None:
         failures = 0
         while not self._stopping.is_set():
-            if not (self._connected.wait(0.2) and self.queue.wait_for_records(0.2)):
+            if not self._connected.wait(self.poll_s):
+                continue
+            self._go_back_if_unacknowledged()
+            if self._cursor is not None and self.queue.count_through(self._cursor) >= self.max_unacked_records:
+                self._stopping.wait(self.poll_s)  # the host is behind: wait for its acks (or the resend timeout)
+                continue
+            if not self.queue.wait_for_records(self.poll_s, after=self._cursor):
                 continue
             try:
-                ok = self._publish_batch(self.queue.peek(self.batch_records, self.batch_bytes))
+                ok = self._publish_batch(*self.queue.peek_after(self._cursor, self.batch_records, self.batch_bytes))
             except Exception:  # a bug or a broken disk must not end telemetry for good
                 log.exception("mqtt: publishing telemetry failed")
                 ok = False
@@ -237,10 +310,25 @@ class MqttLink:
             if failures:
                 self._stopping.wait(backoff_delay(failures - 1, self.backoff_min, self.backoff_max))
 
-    def _publish_batch(self, records: list) -> bool:
-        """Publish one batch, wait for its PUBACK (across reconnects), then delete its records.
-        False when the broker refused it (e.g. not authorized for the topic)."""
-        payload = contract.encode_batch(self.fleet, self.device, records)
+    def _go_back_if_unacknowledged(self) -> None:
+        """Records the broker took long ago and the host never confirmed were lost on the way
+        (or the host is away): send them again from the oldest, and wait twice as long next time."""
+        if self._cursor is None or time.monotonic() - self._progress_at < self._resend_after:
+            return
+        waiting = self.queue.count_through(self._cursor)
+        if waiting:
+            log.info("mqtt: no ack from the host for %.0f s; sending %d records again", self._resend_after, waiting)
+            self._status["resent_records"] += waiting
+            self._cursor = None
+            self._resend_after = min(self._resend_after * 2, self.ack_timeout_max)
+        self._progress_at = time.monotonic()
+
+    def _publish_batch(self, after: Optional[int], records: list) -> bool:
+        """Publish one batch and wait for its PUBACK (across reconnects); the records stay queued
+        until the host acks them. False when the broker refused it (e.g. not authorized)."""
+        if not records:
+            return True
+        payload = contract.encode_batch(self.fleet, self.device, records, epoch=self.queue.epoch, after=after)
         with self._acks:
             since = next(self._serial)
         info = self._client.publish(self._topics["telemetry"], payload, qos=1,
@@ -259,7 +347,9 @@ class MqttLink:
             self._error("no collector is subscribed to telemetry; keeping the records and retrying")
             return False
         self._status["last_error"] = None
-        self.queue.delete(r["seq"] for r in records)
+        if self._cursor is None or self._host_seq >= self._cursor:
+            self._progress_at = time.monotonic()  # nothing was waiting for an ack: the timeout starts now
+        self._cursor = records[-1]["seq"]
         self._status["published_batches"] += 1
         self._status["published_records"] += len(records)
         return True

@@ -29,6 +29,16 @@ def verify_in_child(artifact_path, public_key, timeout: float = 120.0) -> dict:
     return json.loads(proc.stdout)
 
 
+def verify_order_in_child(order: dict, public_key, timeout: float = 60.0) -> dict:
+    """The body of a signed rollback order, checked in a child process; VerificationError otherwise."""
+    proc = subprocess.run([sys.executable, "-m", "device_agent.verifier", "order", str(public_key)],
+                          input=json.dumps(order), capture_output=True, text=True, timeout=timeout)
+    if proc.returncode != 0:
+        lines = proc.stderr.strip().splitlines() or ["the verifier failed without a message"]
+        raise ERRORS.get(proc.returncode, VerificationError)(lines[-1].removeprefix("error: "))
+    return json.loads(proc.stdout)
+
+
 def read_verified(artifact_path, public_key):
     """The artifact as read here, after a child verified exactly these bytes."""
     from edgeml.core.artifact import read_artifact
@@ -43,10 +53,18 @@ def read_verified(artifact_path, public_key):
 
 def main(argv=None) -> int:
     from edgeml.core.artifact import verify_artifact
+    from edgeml.core.orders import verify_order
 
-    path, key = (argv if argv is not None else sys.argv[1:])[:2]
+    args = argv if argv is not None else sys.argv[1:]
     try:
-        artifact = verify_artifact(Path(path), Path(key))
+        if args[0] == "order":  # a signed rollback order on stdin
+            try:
+                signed = json.loads(sys.stdin.read())
+            except ValueError as exc:
+                raise VerificationError(f"the rollback order is not JSON: {exc}") from exc
+            print(json.dumps(verify_order(signed, Path(args[1]))))
+            return 0
+        artifact = verify_artifact(Path(args[0]), Path(args[1]))
     except EdgemlError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code

@@ -17,7 +17,8 @@ from broker import free_port
 class AgentProcess:
     def __init__(self, artifact: Path, public_key: Path, data_dir: Path, *, device: str = "dev1",
                  fleet: Optional[str] = "f1",
-                 broker: Optional[str] = None, config: Optional[Path] = None, extra: List[str] = ()):
+                 broker: Optional[str] = None, config: Optional[Path] = None, extra: List[str] = (),
+                 env: Optional[dict] = None):
         self.port = free_port()
         self.data_dir = Path(data_dir)
         self.log_path = self.data_dir.parent / f"{device}-agent.log"
@@ -30,13 +31,14 @@ class AgentProcess:
             self.args += ["--broker", broker]
         if config:
             self.args += ["--config", str(config)]
+        self.env = env
         self.process: Optional[subprocess.Popen] = None
         self.conn: Optional[http.client.HTTPConnection] = None
 
     def start(self, timeout: float = 30.0) -> "AgentProcess":
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         self._log = open(self.log_path, "ab")
-        self.process = subprocess.Popen(self.args, stdout=subprocess.PIPE, stderr=self._log)
+        self.process = subprocess.Popen(self.args, stdout=subprocess.PIPE, stderr=self._log, env=self.env)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:

@@ -32,12 +32,12 @@ class Mosquitto:
     ``tls`` {cafile, certfile, keyfile, require_certificate} adds a TLS listener (``tls_port``)."""
 
     def __init__(self, folder: Path, *, users: Optional[Dict[str, str]] = None, acl: Optional[str] = None,
-                 tls: Optional[dict] = None, extra: str = ""):
+                 tls: Optional[dict] = None, extra: str = "", persistence: bool = True):
         self.folder = Path(folder)
         self.folder.mkdir(parents=True, exist_ok=True)
         self.port = free_port()
         self.tls_port = free_port() if tls else None
-        self.users, self.acl, self.tls, self.extra = users, acl, tls, extra
+        self.users, self.acl, self.tls, self.extra, self.persistence = users, acl, tls, extra, persistence
         self.process: Optional[subprocess.Popen] = None
         self.config = self.folder / "mosquitto.conf"
         self._write_config()
@@ -56,7 +56,7 @@ class Mosquitto:
             "per_listener_settings false",
             f"listener {self.port} 127.0.0.1",
             f"allow_anonymous {'false' if self.users else 'true'}",
-            "persistence true",
+            f"persistence {'true' if self.persistence else 'false'}",
             f"persistence_location {self.folder}/",
             f"log_dest file {self.folder / 'mosquitto.log'}",
             "log_type error",
@@ -109,6 +109,13 @@ class Mosquitto:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait()
+        self.process = None
+
+    def kill(self) -> None:
+        """SIGKILL, as a power cut would: what the broker had only in memory is gone."""
+        if self.process and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
         self.process = None
 
     def restart(self) -> "Mosquitto":

@@ -108,6 +108,38 @@ def test_sigkill_mid_publish_then_restart_loses_and_doubles_nothing(artifact, di
         assert b.terminate() == 0
 
 
+def test_broker_sigkill_after_a_burst_loses_no_record(artifact, digits_dir, images, tmp_path):
+    """A PUBACK is not delivery. The collector is away while 800 requests are served, so the
+    broker holds their batches in memory for its session; then the broker is SIGKILLed
+    (persistence off: nothing on disk) and restarted. The device kept every record the host had
+    not acknowledged and sends them again: the collector ends with each one exactly once."""
+    broker = Mosquitto(tmp_path / "broker", persistence=False).start()
+    db = tmp_path / "fleet.db"
+    a = agent(artifact, digits_dir, tmp_path, broker=broker.url, extra=["--ack-timeout", "1"]).start()
+    try:
+        with collector(broker.url, db):
+            assert a.infer_many("digits", images, 10) == 10
+            wait_until(lambda: device(db).get("requests") == 10, 20, "the first 10")
+        # the collector left with a persistent session: the broker now queues telemetry for it
+        assert a.infer_many("digits", images, 800) == 800
+        time.sleep(1.0)  # the batches are PUBACKed by now: only the broker's memory holds them
+        broker.kill()
+        broker.start()
+        with collector(broker.url, db):
+            try:
+                wait_until(lambda: device(db).get("requests") == 810, 60, "all 810 requests collected")
+            except AssertionError:
+                print("AGENT LOG", a.log()[-3000:], "DEVICE", device(db))
+                raise
+            time.sleep(1.5)  # a record stored twice would show up by now
+            assert device(db)["requests"] == 810
+            wait_until(lambda: a.metric("edgeml_telemetry_queue_records") == 0, 20, "the device's queue to empty")
+        assert "sending" in a.log() and "records again" in a.log()
+        assert a.terminate() == 0
+    finally:
+        broker.stop()
+
+
 def test_queue_bound_offline_drops_the_oldest_and_reports_it(artifact, digits_dir, images, tmp_path, mosquitto):
     config = tmp_path / "agent.toml"
     config.write_text("[telemetry]\nqueue_max_bytes = 65536\nsystem_interval_s = 3600\n")

@@ -78,6 +78,9 @@ class Device:
     def send(self, recs):
         self.publish("telemetry", contract.encode_batch(self.fleet, self.device, recs))
 
+    def send_batch(self, recs, epoch, after):
+        self.publish("telemetry", contract.encode_batch(self.fleet, self.device, recs, epoch=epoch, after=after))
+
     def die(self):
         """Disconnect so that the broker publishes the will, as when the device vanishes."""
         self.client.disconnect(reasoncode=ReasonCode(PacketTypes.DISCONNECT, "Disconnect with will message"))
@@ -147,6 +150,37 @@ def test_store_dedupes_and_counts(store):
     (dev,) = store.devices()
     assert (dev["records"], dev["requests"], dev["errors"], dev["dropped"]) == (152, 135, 15, 7)
     assert dev["presence"] is None and dev["last_seen"].endswith("+00:00")
+
+
+def test_store_watermark_chains_batches_committed_out_of_order(store):
+    """The ack a device gets: batches lost or late hold the watermark back; once they come, the
+    batches committed meanwhile chain up. A new queue epoch starts from nothing."""
+    assert store.acknowledge(FLEET, "dev-1", "e1", None, 100) == 100
+    assert store.acknowledge(FLEET, "dev-1", "e1", 200, 300) == 100  # (100, 200] has not come
+    assert store.acknowledge(FLEET, "dev-1", "e1", 300, 350) == 100
+    assert store.acknowledge(FLEET, "dev-1", "e1", 100, 200) == 350  # it came: all three chain
+    assert store.acknowledge(FLEET, "dev-1", "e1", None, 120) == 350  # a resent old batch moves nothing back
+    assert store.acknowledge(FLEET, "dev-2", "e1", 10, 20) == 0  # other devices are their own
+    assert store.acknowledge(FLEET, "dev-1", "e2", None, 5) == 5  # the device's queue was reset
+    assert store.acknowledge(FLEET, "dev-1", "e2", 5, 9) == 9
+
+
+def test_collector_acks_what_it_committed(mosquitto, store):
+    """The retained ack carries the watermark for the batch's queue epoch, after the commit."""
+    acks = []
+    device = Device(mosquitto)
+    device.client.on_message = lambda c, u, m: acks.append(contract.decode_ack(m.payload))
+    device.client.subscribe(device.topic("ack"), qos=1)
+    with collecting(mosquitto, store):
+        device.send_batch(records(1, 50), epoch="abc", after=None)
+        device.send_batch(records(101, 50), epoch="abc", after=90)  # records 51..90 were lost on the way
+        wait_for(lambda: ("abc", 50) in acks, what="the first ack")
+        time.sleep(0.5)
+        assert max(seq for _, seq in acks) == 50
+        device.send_batch(records(51, 40), epoch="abc", after=50)  # sent again: 51..90
+        wait_for(lambda: ("abc", 150) in acks, what="the chained ack")
+    assert stored(store) == 140
+    device.close()
 
 
 def test_store_ingest_rate(store):

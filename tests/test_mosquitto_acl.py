@@ -1,5 +1,6 @@
 """The example broker ACL (examples/mosquitto/acl) on a real Mosquitto: per-device credentials
-can publish only under their own id and read only their own desired state."""
+can publish only under their own id and read only what is meant for them (desired state, artifact
+blocks, telemetry acks)."""
 from __future__ import annotations
 
 import threading
@@ -109,3 +110,33 @@ def test_a_collector_can_use_the_shared_subscription(fleet_broker):
     assert collector.subscribe("$share/collectors/edgeml/v1/+/+/telemetry") < 0x80
     assert dev2.publish(topic("f9", "dev2", "telemetry"), b"batch") == 0
     assert _wait_for(lambda: collector.received or None) == [(topic("f9", "dev2", "telemetry"), b"batch")]
+
+
+def test_a_device_reads_only_its_own_blocks_and_acks_and_writes_neither(fleet_broker):
+    controller, collector = fleet_broker("controller"), fleet_broker("collector")
+    dev1 = fleet_broker("dev1")
+    for device in ("dev1", "dev2"):
+        dev1.subscribe(topic("f1", device, "chunks"))
+        dev1.subscribe(topic("f1", device, "ack"))
+    time.sleep(0.2)
+    assert controller.publish(topic("f1", "dev2", "chunks"), b"dev2's block") < 0x80
+    assert collector.publish(topic("f1", "dev2", "ack"), b"dev2's ack", retain=True) < 0x80
+    assert controller.publish(topic("f1", "dev1", "chunks"), b"dev1's block") < 0x80
+    assert collector.publish(topic("f1", "dev1", "ack"), b"dev1's ack", retain=True) < 0x80
+    _wait_for(lambda: len(dev1.received) >= 2 or None)
+    time.sleep(0.3)
+    assert sorted(dev1.received) == [(topic("f1", "dev1", "ack"), b"dev1's ack"),
+                                     (topic("f1", "dev1", "chunks"), b"dev1's block")]
+    # a device cannot forge blocks or acks (not even its own), nor ask or report for another device
+    for name in (topic("f1", "dev1", "chunks"), topic("f1", "dev1", "ack"), topic("f1", "dev2", "chunks/req"),
+                 topic("f1", "dev2", "events")):
+        assert dev1.publish(name, b"forged") == NOT_AUTHORIZED, name
+    assert dev1.publish(topic("f1", "dev1", "chunks/req"), b"{}") < 0x80
+    assert dev1.publish(topic("f1", "dev1", "events"), b"{}") < 0x80
+
+
+def test_the_controller_takes_block_requests_through_its_shared_subscription(fleet_broker):
+    controller, dev1 = fleet_broker("controller"), fleet_broker("dev1")
+    assert controller.subscribe("$share/controllers/edgeml/v1/+/+/chunks/req") < 0x80
+    assert dev1.publish(topic("f1", "dev1", "chunks/req"), b"give me block 0") < 0x80
+    assert _wait_for(lambda: controller.received or None) == [(topic("f1", "dev1", "chunks/req"), b"give me block 0")]

@@ -1,7 +1,9 @@
-"""Durable telemetry on the device: a bounded on-disk queue of records waiting for the broker.
+"""Durable telemetry on the device: a bounded on-disk queue of records waiting for the host.
 
-The ``Recorder`` (``recorder.py``) fills it; the queue survives restarts; ``device_agent.mqtt_link`` publishes from it and deletes what the broker
-acknowledged. Record kinds and fields are those of ``edgeml.core.mqtt_contract``.
+The ``Recorder`` (``recorder.py``) fills it; the queue survives restarts;
+``device_agent.mqtt_link`` publishes from it and deletes records only once the host has said
+it committed them (its ``ack``, which names this queue's ``epoch``). Record kinds and fields
+are those of ``edgeml.core.mqtt_contract``.
 
 Durability: SQLite in WAL mode with ``synchronous=NORMAL``. A commit is in the WAL before it
 returns, so a killed process loses nothing committed; after a power loss the database is intact
@@ -20,11 +22,12 @@ from __future__ import annotations
 
 import json
 import logging
+import secrets
 import sqlite3
 import threading
 import time
 from pathlib import Path
-from typing import Dict, Iterable, List, Tuple
+from typing import Dict, Iterable, List, Optional, Tuple
 
 from edgeml.core.mqtt_contract import KINDS, MAX_BATCH_BYTES
 
@@ -65,6 +68,7 @@ class TelemetryQueue:
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.execute("PRAGMA journal_size_limit=4194304")  # the WAL shrinks back after checkpoints
         self._db.executescript(_SCHEMA)
+        self.epoch = f"{self._epoch():016x}"
         self._ceiling = self._meta("seq_ceiling")
         self._next_seq = self._ceiling + 1
         self._dropped_total = self._meta("dropped_total")
@@ -72,6 +76,17 @@ class TelemetryQueue:
         # the one `dropped` report that may still be queued (later drops fold into it)
         self._report_seq = self._db.execute("SELECT MAX(seq) FROM records WHERE kind = 'dropped'").fetchone()[0]
         self._records, self._bytes = self._db.execute("SELECT COUNT(*), COALESCE(SUM(size), 0) FROM records").fetchone()
+
+    def _epoch(self) -> int:
+        """This queue's random id, made once with the database: the host's acks name it, so an
+        ack meant for an earlier queue (a device reset, a restored backup) deletes nothing."""
+        epoch = self._meta("epoch")
+        if not epoch:
+            epoch = secrets.randbits(62) | 1
+            self._db.execute("PRAGMA synchronous=FULL")
+            self._set_meta("epoch", epoch)
+            self._db.execute("PRAGMA synchronous=NORMAL")
+        return epoch
 
     def _meta(self, key: str) -> int:
         row = self._db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
@@ -186,11 +201,43 @@ class TelemetryQueue:
             batch.append({"seq": seq, "ts": ts, "kind": kind, **json.loads(body)})
         return batch
 
+    def peek_after(self, cursor: Optional[int], max_records: int = 500,
+                   max_bytes: int = 256 << 10) -> Tuple[Optional[int], List[dict]]:
+        """The oldest records above ``cursor`` (None: from the oldest), and ``after``: the largest
+        seq still queued below the first of them, None when nothing older is queued (see
+        ``edgeml.core.mqtt_contract``)."""
+        with self._lock:
+            rows = self._db.execute("SELECT seq, ts, kind, body, size FROM records WHERE seq > ? ORDER BY seq LIMIT ?",
+                                    (-1 if cursor is None else cursor, max_records)).fetchall()
+            after = self._db.execute("SELECT MAX(seq) FROM records WHERE seq < ?",
+                                     (rows[0][0] if rows else 0,)).fetchone()[0] if rows else None
+        batch, total = [], 0
+        for seq, ts, kind, body, size in rows:
+            total += size
+            if batch and total > max_bytes:
+                break
+            batch.append({"seq": seq, "ts": ts, "kind": kind, **json.loads(body)})
+        return after, batch
+
+    def has_records_after(self, cursor: Optional[int]) -> bool:
+        with self._lock:
+            return self._has_after(cursor)
+
+    def _has_after(self, cursor: Optional[int]) -> bool:
+        return self._db.execute("SELECT EXISTS (SELECT 1 FROM records WHERE seq > ?)",
+                                (-1 if cursor is None else cursor,)).fetchone()[0] == 1
+
+    def count_through(self, seq: int) -> int:
+        """How many queued records have a seq up to ``seq`` (sent, not yet acknowledged by the host)."""
+        with self._lock:
+            return self._db.execute("SELECT COUNT(*) FROM records WHERE seq <= ?", (seq,)).fetchone()[0]
+
     def delete(self, seqs: Iterable[int]) -> int:
-        """Remove these records (the broker has them); how many were still queued."""
+        """Remove these records; how many were still queued."""
         return self._delete("seq IN (SELECT value FROM json_each(?))", _dumps(list(seqs)))
 
     def delete_through(self, seq: int) -> int:
+        """Remove every record up to ``seq`` (the host committed them); how many were still queued."""
         return self._delete("seq <= ?", seq)
 
     def _delete(self, where: str, arg) -> int:
@@ -200,10 +247,12 @@ class TelemetryQueue:
             self._bytes -= sum(s for (s,) in sizes)
             return len(sizes)
 
-    def wait_for_records(self, timeout: float) -> bool:
-        """Block until the queue holds a record or ``timeout`` passes; whether it does."""
+    def wait_for_records(self, timeout: float, after: Optional[int] = None) -> bool:
+        """Block until the queue holds a record (above seq ``after``) or ``timeout`` passes; whether it does."""
         with self._has_records:
-            return self._has_records.wait_for(lambda: self._records > 0, timeout)
+            return self._has_records.wait_for(
+                lambda: self._records > 0 and (after is None or self._next_seq - 1 > after and self._has_after(after)),
+                timeout)
 
     def stats(self) -> Dict[str, int]:
         with self._lock:

@@ -10,7 +10,7 @@ import click
 
 from edgeml.core.errors import AccuracyGoalNotMet, EdgemlError
 
-from . import artifact, fleet, keys, optimize
+from . import artifact, fleet, keys, optimize, rollouts
 from .common import emit
 
 log = logging.getLogger("edgeml")
@@ -27,6 +27,8 @@ def cli(verbose: int) -> None:
 
 for command in (keys.keys, optimize.optimize, artifact.inspect, artifact.verify, artifact.bench, fleet.fleet):
     cli.add_command(command)
+for command in rollouts.COMMANDS:
+    fleet.fleet.add_command(command)
 
 
 def main(argv=None) -> int:

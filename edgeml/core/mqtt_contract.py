@@ -5,13 +5,17 @@ so the two sides cannot drift apart. MQTT 5, QoS 1 everywhere.
 
 Topics (``{fleet}`` and ``{device}`` are ids of ``ID_RE``)::
 
-    edgeml/v1/{fleet}/{device}/presence   device -> host, retained   {"status": "online"|"offline", ...}
-    edgeml/v1/{fleet}/{device}/state      device -> host, retained   {"model", "version", "sha256", "ready", ...}
-    edgeml/v1/{fleet}/{device}/telemetry  device -> host             a zstd-compressed batch of records
-    edgeml/v1/{fleet}/{device}/desired    host -> device, retained   (rollouts, a later issue)
+    edgeml/v1/{fleet}/{device}/presence    device -> host, retained   {"status": "online"|"offline", ...}
+    edgeml/v1/{fleet}/{device}/state       device -> host, retained   {"model", "version", "sha256", "ready", ...}
+    edgeml/v1/{fleet}/{device}/telemetry   device -> host             a zstd-compressed batch of records
+    edgeml/v1/{fleet}/{device}/events      device -> host             update progress (``edgeml.core.updates``)
+    edgeml/v1/{fleet}/{device}/ack         host -> device, retained   {"epoch", "seq"}: telemetry committed
+    edgeml/v1/{fleet}/{device}/desired     host -> device, retained   the model this device should run
+    edgeml/v1/{fleet}/{device}/chunks/req  device -> host             artifact blocks it lacks
+    edgeml/v1/{fleet}/{device}/chunks      host -> device             the blocks
 
-A telemetry batch is ``zstd(json({"schema": 1, "fleet", "device", "records": [...]}))``. Every
-record has ``seq`` (per device, from 1, strictly increasing, never reused, also across restarts),
+A telemetry batch is ``zstd(json({"schema": 1, "fleet", "device", "epoch", "after", "records": [...]}))``.
+Every record has ``seq`` (per device, from 1, strictly increasing, never reused, also across restarts),
 ``ts`` (unix seconds) and ``kind``:
 
     inference    model, version, latency_ms, outputs {name: {"top1", "score"} | {"mean", "min", "max"}}
@@ -20,6 +24,16 @@ record has ``seq`` (per device, from 1, strictly increasing, never reused, also 
     system       rss_bytes, cpu_percent, disk_free_bytes, queue_records, queue_bytes, dropped_total
     dropped      count, first_seq, last_seq: records the bounded queue dropped (oldest first) while offline
 
+A PUBACK is not delivery: a broker killed before it handed a message on loses it. So a device
+keeps every record until the host says it has committed it. ``epoch`` names the device's queue
+(a new queue, a new epoch); ``after`` is the largest seq still queued on the device below the
+batch's first record, or null when nothing older is queued. The host keeps, per device, the
+watermark ``W``: every record with seq <= W is committed or will never come (dropped, or a seq
+never handed out). A committed batch moves W to its last seq when its ``after`` is null or <= W
+(``advance_watermark``, which also chains batches committed out of order). The host publishes W
+on the device's retained ``ack`` topic; the device deletes records up to W and sends again,
+after a timeout, what the broker took but the host never confirmed.
+
 Collectors deduplicate by (fleet, device, seq), so a batch published twice (a lost PUBACK, a
 device killed mid-publish) is stored once.
 """
@@ -27,14 +41,15 @@ from __future__ import annotations
 
 import json
 import re
-from typing import List, Tuple
+from typing import List, Optional, Tuple
 
 import zstandard
 
 SCHEMA = 1
 PREFIX = "edgeml/v1"
 ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
-CHANNELS = ("presence", "state", "telemetry", "events", "desired")
+EPOCH_RE = re.compile(r"^[0-9a-f]{1,32}$")
+CHANNELS = ("presence", "state", "telemetry", "events", "ack", "desired", "chunks", "chunks/req")
 KINDS = ("inference", "error", "input_stats", "system", "dropped")
 TELEMETRY_CONTENT_TYPE = "application/json+zstd"
 MAX_BATCH_BYTES = 4 << 20  # a decompressed batch larger than this is refused (no zstd bombs)
@@ -50,11 +65,12 @@ def topic(fleet: str, device: str, channel: str) -> str:
 def parse_topic(name: str) -> Tuple[str, str, str]:
     """``(fleet, device, channel)``; ValueError for a topic outside the contract."""
     parts = name.split("/")
-    if len(parts) != 5 or "/".join(parts[:2]) != PREFIX or parts[4] not in CHANNELS:
+    channel = "/".join(parts[4:])
+    if len(parts) < 5 or "/".join(parts[:2]) != PREFIX or channel not in CHANNELS:
         raise ValueError(f"not an edgeml topic: {name!r}")
     if not (ID_RE.match(parts[2]) and ID_RE.match(parts[3])):
         raise ValueError(f"bad fleet or device id in topic {name!r}")
-    return parts[2], parts[3], parts[4]
+    return parts[2], parts[3], channel
 
 
 def subscription(channel: str, shared: bool = False, group: str = SHARED_GROUP) -> str:
@@ -70,9 +86,12 @@ def check_id(value: str, what: str) -> str:
     return value
 
 
-def encode_batch(fleet: str, device: str, records: List[dict], level: int = 3) -> bytes:
-    body = json.dumps({"schema": SCHEMA, "fleet": fleet, "device": device, "records": records},
-                      separators=(",", ":"), allow_nan=False).encode("utf-8")
+def encode_batch(fleet: str, device: str, records: List[dict], level: int = 3, *,
+                 epoch: Optional[str] = None, after: Optional[int] = None) -> bytes:
+    batch = {"schema": SCHEMA, "fleet": fleet, "device": device, "records": records}
+    if epoch is not None:
+        batch.update(epoch=epoch, after=after)
+    body = json.dumps(batch, separators=(",", ":"), allow_nan=False).encode("utf-8")
     return zstandard.ZstdCompressor(level=level, write_content_size=True).compress(body)
 
 
@@ -92,7 +111,52 @@ def decode_batch(payload: bytes) -> dict:
         if not (isinstance(record, dict) and type(record.get("seq")) is int and record["seq"] >= 1
                 and record.get("kind") in KINDS and isinstance(record.get("ts"), (int, float))):
             raise ValueError(f"bad record in batch: {str(record)[:120]}")
+    epoch, after = batch.get("epoch"), batch.get("after")
+    if epoch is not None and not (isinstance(epoch, str) and EPOCH_RE.match(epoch)):
+        raise ValueError(f"batch epoch {str(epoch)[:40]!r} is not 1-32 hex digits")
+    if after is not None and not (type(after) is int and after >= 0):
+        raise ValueError(f"batch 'after' {str(after)[:40]!r} is not a seq")
+    seqs = [r["seq"] for r in batch["records"]]
+    if any(b <= a for a, b in zip(seqs, seqs[1:])) or (after is not None and seqs and seqs[0] <= after):
+        raise ValueError("batch seqs must rise, above 'after'")
     return batch
+
+
+def encode_ack(epoch: str, seq: int, ts: float) -> bytes:
+    """The host's retained acknowledgement: every record of queue ``epoch`` up to ``seq`` is settled."""
+    return json.dumps({"epoch": epoch, "seq": seq, "ts": ts}, separators=(",", ":")).encode("utf-8")
+
+
+def decode_ack(payload: bytes) -> Tuple[str, int]:
+    """``(epoch, seq)``; ValueError for anything else."""
+    try:
+        body = json.loads(payload)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"not an ack: {exc}") from exc
+    if not (isinstance(body, dict) and isinstance(body.get("epoch"), str) and EPOCH_RE.match(body["epoch"])
+            and type(body.get("seq")) is int and body["seq"] >= 0):
+        raise ValueError(f"not an ack: {str(body)[:120]}")
+    return body["epoch"], body["seq"]
+
+
+def advance_watermark(watermark: int, pending: List[Tuple[int, int]], after: Optional[int],
+                      last: int) -> Tuple[int, List[Tuple[int, int]]]:
+    """The watermark after committing the batch ``(after, last]``, and the batches still waiting.
+
+    ``pending`` holds committed batches that could not move the watermark yet (their ``after``
+    was above it: an earlier batch was lost or is late). Each one whose ``after`` the watermark
+    has reached moves it on, so batches committed out of order chain up.
+    """
+    waiting = sorted(pending + [(-1 if after is None else after, last)])
+    moved = True
+    while moved:
+        moved = False
+        for batch in list(waiting):
+            if batch[0] <= watermark:
+                watermark = max(watermark, batch[1])
+                waiting.remove(batch)
+                moved = True
+    return watermark, [b for b in waiting if b[1] > watermark]
 
 
 def presence(status: str, fleet: str, device: str, ts: float, **extra) -> bytes:

@@ -133,6 +133,34 @@ def describe_key_type(key) -> str:
 # -- internals ----------------------------------------------------------------------------------
 
 
+def private_key_of(private_key) -> ed25519.Ed25519PrivateKey:
+    """An Ed25519 private key object, or the path of signing.key -> the key; KeyFileError for anything else."""
+    if isinstance(private_key, (str, os.PathLike)):
+        return load_private_key(private_key)
+    if isinstance(private_key, ed25519.Ed25519PublicKey):
+        raise KeyFileError("this is the public key; pass signing.key (the private key) to sign")
+    if not isinstance(private_key, ed25519.Ed25519PrivateKey):
+        raise KeyFileError(
+            f"artifacts are signed with an Ed25519 private key, not an {describe_key_type(private_key)} key; "
+            "pass the signing.key made by `edgeml keys generate`"
+        )
+    return private_key
+
+
+def public_key_of(public_key_or_path) -> ed25519.Ed25519PublicKey:
+    """An Ed25519 public key object, or the path of signing.pub -> the key; KeyFileError for anything else."""
+    if isinstance(public_key_or_path, (str, os.PathLike)):
+        return load_public_key(public_key_or_path)
+    if isinstance(public_key_or_path, ed25519.Ed25519PrivateKey):
+        raise KeyFileError("this is the private key; pass signing.pub (the public key) to verify")
+    if not isinstance(public_key_or_path, ed25519.Ed25519PublicKey):
+        raise KeyFileError(
+            f"verifying needs an Ed25519 public key, not an {describe_key_type(public_key_or_path)} key "
+            "object; pass signing.pub"
+        )
+    return public_key_or_path
+
+
 def _read_key_file(path: Path, kind: str) -> bytes:
     name = PRIVATE_KEY_NAME if kind == "private" else PUBLIC_KEY_NAME
     if not path.exists():

@@ -1,4 +1,5 @@
-"""Baseline input statistics, per feature or channel, so a device can measure drift.
+"""Baseline statistics so a device can judge what it sees: inputs per feature or channel (drift),
+and what the model predicts (the class distribution a new model is checked against).
 
 Standard library and numpy only: the device computes the same figures on live inputs.
 """
@@ -53,3 +54,38 @@ def baseline_stats(inputs: Dict[str, np.ndarray]) -> dict:
             "channels": [summarize(moved[:, c]) for c in range(moved.shape[1])],
         }
     return result
+
+
+def class_frequencies(y: np.ndarray) -> list | None:
+    """Share of each predicted class (argmax of the last axis) for class scores [N, C] or [N, T, C]
+    with C > 1; None for any other output."""
+    y = np.asarray(y)
+    if y.dtype.kind != "f" or y.ndim not in (2, 3) or y.shape[-1] < 2 or y.size == 0:
+        return None
+    counts = np.bincount(y.argmax(-1).ravel(), minlength=y.shape[-1]).astype(np.float64)
+    return [float(c) for c in counts / counts.sum()]
+
+
+def output_stats(outputs: Dict[str, np.ndarray]) -> dict:
+    """{output name: {"classes": C, "frequencies": [...]}} for the outputs that are class scores."""
+    found = {}
+    for name, y in outputs.items():
+        freqs = class_frequencies(y)
+        if freqs is not None:
+            found[name] = {"classes": len(freqs), "frequencies": freqs}
+    return found
+
+
+def js_distance(p, q) -> float:
+    """Jensen-Shannon distance (base 2, so 0..1) between two distributions of the same length."""
+    p, q = np.asarray(p, np.float64), np.asarray(q, np.float64)
+    if p.shape != q.shape or p.sum() <= 0 or q.sum() <= 0:
+        raise ValueError("js_distance needs two non-empty distributions of the same length")
+    p, q = p / p.sum(), q / q.sum()
+    m = (p + q) / 2
+
+    def kl(a, b):
+        mask = a > 0
+        return float(np.sum(a[mask] * np.log2(a[mask] / b[mask])))
+
+    return float(np.sqrt(max(0.0, (kl(p, m) + kl(q, m)) / 2)))

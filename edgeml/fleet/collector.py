@@ -21,6 +21,7 @@ import signal
 import socket
 import ssl
 import threading
+import time
 from collections import Counter
 from pathlib import Path
 from typing import Callable, List, Optional, Tuple
@@ -45,7 +46,7 @@ WINDOW_RECORDS = 20_000           # ... and records (give or take a batch): boun
 MAX_RETRY_S = 30.0
 # CONNACK reasons that retrying cannot fix: bad protocol, client id, credentials, authorization
 FATAL_CONNACK = {0x84, 0x85, 0x86, 0x87, 0x8C}
-STAT_KEYS = ("received", "batches", "inserted", "duplicates", "rejected", "presence", "state")
+STAT_KEYS = ("received", "batches", "inserted", "duplicates", "rejected", "presence", "state", "events")
 
 Op = Tuple[str, str, str, object]  # (what, fleet, device, data)
 
@@ -122,6 +123,7 @@ class Collector:
         # missed from its queue, in order, instead of the retained copy possibly ahead of it.
         plain = SubscribeOptions(qos=1, retainHandling=SubscribeOptions.RETAIN_SEND_IF_NEW_SUB)
         client.subscribe([(contract.subscription("telemetry", shared=True, group=self.group), SubscribeOptions(qos=1)),
+                          (contract.subscription("events", shared=True, group=self.group), SubscribeOptions(qos=1)),
                           (contract.subscription("presence"), plain), (contract.subscription("state"), plain)])
 
     def _on_connect_fail(self, client, userdata) -> None:
@@ -181,7 +183,7 @@ class Collector:
                                        else self._inbox.get_nowait())
                 op = parse_message(message)
                 items.append((generation, message, op))
-                records += len(op[3]) if op[0] == "batches" else 1
+                records += len(op[3]["records"]) if op[0] == "batches" else 1
         except queue.Empty:
             pass
         return items
@@ -202,28 +204,42 @@ class Collector:
                 log.warning("store failed (%s); retrying in %.0f s", first_line(exc), delay)
                 stop_event.wait(delay)
                 delay = min(delay * 2, MAX_RETRY_S)
+        acks = changes.pop("acks")
         changes["received"] = len(items)
         with self._stats_lock:
             self._stats.update(changes)
         for generation, message, _ in items:
             if generation == self._generation:
                 self._client.ack(message.mid, message.qos)
+        for (fleet, device), (epoch, seq) in acks.items():  # committed: now the devices may delete
+            self._client.publish(contract.topic(fleet, device, "ack"), contract.encode_ack(epoch, seq, time.time()),
+                                 qos=1, retain=True)
         return True
 
     def _commit(self, ops: List[Op]) -> Counter:
-        changes = Counter()
+        """Store a window of messages in one transaction; ``changes["acks"]`` holds each device's
+        telemetry watermark afterwards, to publish once the transaction has committed."""
+        changes, acks = Counter(), {}
         with self.store.transaction():
             for what, fleet, device, data in ops:
                 changes[what] += 1
                 if what == "batches":
-                    inserted = self.store.insert_records(fleet, device, data)
+                    records = data["records"]
+                    inserted = self.store.insert_records(fleet, device, records)
                     changes["inserted"] += inserted
-                    changes["duplicates"] += len(data) - inserted
+                    changes["duplicates"] += len(records) - inserted
+                    if data.get("epoch") is not None and records:
+                        acks[(fleet, device)] = (data["epoch"], self.store.acknowledge(
+                            fleet, device, data["epoch"], data.get("after"), records[-1]["seq"]))
                 elif what == "presence":
                     self.store.upsert_presence(fleet, device, data["status"], data["ts"])
                 elif what == "state":
-                    self.store.upsert_state(fleet, device, data["model"], data["version"], data["sha256"], data["ts"])
+                    self.store.upsert_state(fleet, device, data["model"], data["version"], data["sha256"], data["ts"],
+                                            data["content_sha256"], data["update"])
+                elif what == "events":
+                    self.store.add_event(fleet, device, data)
         changes.pop("ignored", None)
+        changes["acks"] = acks
         return changes
 
 
@@ -242,6 +258,9 @@ def parse_message(message) -> Op:
             return "presence", fleet, device, _presence(body)
         if channel == "state":
             return "state", fleet, device, _state(body)
+        if channel == "events":
+            _ts(body)
+            return "events", fleet, device, body
         raise ValueError(f"the collector does not take {channel} messages")
     except Exception as exc:  # whatever a device sends, the collector must keep going
         log.warning("rejected a message on %r: %s", _topic(message), first_line(exc))
@@ -255,12 +274,12 @@ def _topic(message) -> str:
         return repr(message._topic)
 
 
-def _telemetry(fleet: str, device: str, payload: bytes) -> list:
+def _telemetry(fleet: str, device: str, payload: bytes) -> dict:
     batch = contract.decode_batch(payload)
     if (batch.get("fleet"), batch.get("device")) != (fleet, device):
         raise ValueError(f"batch of {batch.get('fleet')}/{batch.get('device')} published on {fleet}/{device}'s topic")
     check_records(batch["records"])
-    return batch["records"]
+    return batch
 
 
 def _presence(body: dict) -> dict:
@@ -271,10 +290,13 @@ def _presence(body: dict) -> dict:
 
 def _state(body: dict) -> dict:
     model, version, sha256 = body.get("model"), body.get("version"), body.get("sha256")
+    content, update = body.get("content_sha256"), body.get("update")
     if not (model is None or isinstance(model, str)) or not (version is None or type(version) is int) \
-            or not (sha256 is None or isinstance(sha256, str)):
+            or not (sha256 is None or isinstance(sha256, str)) or not (content is None or isinstance(content, str)) \
+            or not (update is None or isinstance(update, dict)):
         raise ValueError("state needs model (string), version (integer) and sha256 (string), or nulls")
-    return {"model": model, "version": version, "sha256": sha256, "ts": _ts(body)}
+    return {"model": model, "version": version, "sha256": sha256, "ts": _ts(body), "content_sha256": content,
+            "update": update}
 
 
 def _ts(body: dict) -> Optional[float]:

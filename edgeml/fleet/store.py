@@ -17,6 +17,9 @@ from pathlib import Path
 from typing import Iterable, List, Optional
 
 from edgeml.core.errors import InputError, UsageError, first_line
+from edgeml.core.mqtt_contract import advance_watermark
+
+from .rollout_store import DEVICE_COLUMNS, ROLLOUT_SCHEMA, RolloutTables
 
 URL_FORMS = ("sqlite:///relative/path.db, sqlite:////absolute/path.db "
              "or postgresql://user@host:port/database")
@@ -31,7 +34,12 @@ SCHEMA = (
         fleet TEXT NOT NULL, device TEXT NOT NULL, presence TEXT, model_name TEXT, model_version BIGINT,
         sha256 TEXT, last_seen DOUBLE PRECISION, dropped_total BIGINT NOT NULL DEFAULT 0,
         updated DOUBLE PRECISION NOT NULL, PRIMARY KEY (fleet, device))""",
-)
+    # the telemetry watermark each device is told (mqtt_contract.advance_watermark): its queue's
+    # epoch, the seq up to which everything is settled, and committed batches still above it
+    """CREATE TABLE IF NOT EXISTS telemetry_acks (
+        fleet TEXT NOT NULL, device TEXT NOT NULL, epoch TEXT NOT NULL, seq BIGINT NOT NULL,
+        pending TEXT NOT NULL, PRIMARY KEY (fleet, device))""",
+) + ROLLOUT_SCHEMA
 
 
 def open_store(url: str, create: bool = True) -> "Store":
@@ -64,10 +72,13 @@ def _now() -> float:
     return datetime.now(timezone.utc).timestamp()
 
 
-class Store:
+class Store(RolloutTables):
     """The SQL both databases share; subclasses connect and say how to spell a few things."""
 
     greatest = "MAX"  # the two-argument maximum
+    for_update = ""  # row locks: SQLite has one writer at a time anyway
+    skip_locked = ""
+    length = "LENGTH"  # of a blob
 
     def __init__(self):
         self._lock = threading.RLock()
@@ -121,14 +132,32 @@ class Store:
                 (fleet, device, float(max(r["ts"] for r in records)), dropped, _now()))
         return inserted
 
+    def acknowledge(self, fleet: str, device: str, epoch: str, after: Optional[int], last: int) -> int:
+        """Record that the batch ``(after, last]`` of queue ``epoch`` is committed; the device's
+        watermark afterwards (what its ``ack`` says). A new epoch (a new queue on the device)
+        starts from nothing."""
+        with self.transaction():
+            row = self._execute(f"SELECT epoch, seq, pending FROM telemetry_acks WHERE fleet = ? AND device = ?"
+                                f"{self.for_update}", (fleet, device)).fetchone()
+            seq, pending = (row[1], [tuple(b) for b in json.loads(row[2])]) if row and row[0] == epoch else (0, [])
+            seq, pending = advance_watermark(seq, pending, after, last)
+            self._execute(
+                """INSERT INTO telemetry_acks (fleet, device, epoch, seq, pending) VALUES (?, ?, ?, ?, ?)
+                ON CONFLICT (fleet, device) DO UPDATE SET epoch = excluded.epoch, seq = excluded.seq,
+                pending = excluded.pending""", (fleet, device, epoch, seq, json.dumps(pending)))
+        return seq
+
     def upsert_presence(self, fleet: str, device: str, status: str, ts: Optional[float] = None) -> None:
         """online/offline as the device (or its will) said; ``ts`` only ever moves last_seen forward."""
         self._upsert(fleet, device, {"presence": status}, ts)
 
     def upsert_state(self, fleet: str, device: str, model_name: Optional[str], model_version: Optional[int],
-                     sha256: Optional[str], ts: Optional[float] = None) -> None:
-        """The model a device runs, from its retained state message."""
-        self._upsert(fleet, device, {"model_name": model_name, "model_version": model_version, "sha256": sha256}, ts)
+                     sha256: Optional[str], ts: Optional[float] = None, content_sha256: Optional[str] = None,
+                     update: Optional[dict] = None) -> None:
+        """The model a device runs and how its update goes, from its retained state message."""
+        self._upsert(fleet, device, {"model_name": model_name, "model_version": model_version, "sha256": sha256,
+                                     "content_sha256": content_sha256,
+                                     "update_status": json.dumps(update) if update else None}, ts)
 
     def touch(self, fleet: str, device: str, ts: float) -> None:
         """last_seen = max(last_seen, ts)."""
@@ -157,7 +186,7 @@ class Store:
         with self.transaction(write=False):
             rows = self._execute(
                 """SELECT fleet, device, presence, model_name, model_version, sha256, last_seen,
-                dropped_total, updated FROM devices ORDER BY fleet, device""").fetchall()
+                dropped_total, updated, update_status FROM devices ORDER BY fleet, device""").fetchall()
             kinds = self._execute("SELECT fleet, device, kind, COUNT(*) FROM telemetry "
                                   "GROUP BY fleet, device, kind").fetchall()
             gaps = self._execute("SELECT fleet, device, record FROM telemetry WHERE kind = 'dropped'").fetchall()
@@ -169,15 +198,26 @@ class Store:
             count = json.loads(record).get("count")
             lost[(fleet, device)] = lost.get((fleet, device), 0) + (count if type(count) is int else 0)
         out = []
-        for fleet, device, presence, name, version, sha256, last_seen, dropped_total, updated in rows:
+        for fleet, device, presence, name, version, sha256, last_seen, dropped_total, updated, update in rows:
             key = (fleet, device)
+            update = json.loads(update) if update else {}
             out.append({
+                "update_state": update.get("state"), "update_result": update.get("result"),
+                "target_version": update.get("target_version"), "progress": update.get("progress"),
+                "rollout": update.get("rollout"), "update_error": update.get("error"),
                 "fleet": fleet, "device": device, "presence": presence, "model_name": name,
                 "model_version": version, "sha256": sha256, "last_seen": _iso(last_seen),
                 "requests": counts.get((*key, "inference"), 0), "errors": counts.get((*key, "error"), 0),
                 "records": totals.get(key, 0),
                 "dropped": max(lost.get(key, 0), dropped_total or 0), "updated": _iso(updated)})
         return out
+
+    def _migrate(self) -> None:
+        """Columns added since a database was created (CREATE TABLE IF NOT EXISTS keeps old tables as they are)."""
+        have = self._columns("devices")
+        for name, kind in DEVICE_COLUMNS.items():
+            if name not in have:
+                self._execute(f"ALTER TABLE devices ADD COLUMN {name} {kind}")
 
     def close(self) -> None:
         with self._lock:
@@ -209,12 +249,16 @@ class SqliteStore(Store):
             with self.transaction():
                 for statement in SCHEMA:
                     self._conn.execute(statement)
+                self._migrate()
         except sqlite3.Error as exc:
             raise InputError(f"cannot open SQLite database {path}: {first_line(exc)}; "
                              "check that its folder exists and is writable") from exc
 
     def _connection(self):
         return self._conn
+
+    def _columns(self, table: str) -> set:
+        return {row[1] for row in self._conn.execute(f"PRAGMA table_info({table})")}
 
     def _begin(self, conn, write: bool) -> None:
         # A writer takes the lock up front: upgrading a read lock later can fail without waiting.
@@ -237,14 +281,24 @@ class PostgresStore(Store):
     """psycopg 3; reconnects on the next transaction after the server went away."""
 
     greatest = "GREATEST"
+    for_update = " FOR UPDATE"
+    skip_locked = " FOR UPDATE SKIP LOCKED"
+    length = "OCTET_LENGTH"
 
     def __init__(self, url: str):
         super().__init__()
         self.url = url
         self._conn = None
         with self.transaction():
+            self._execute("SELECT pg_advisory_xact_lock(7341)")  # two stores creating the schema at once
             for statement in SCHEMA:
                 self._execute(statement)
+            self._migrate()
+
+    def _columns(self, table: str) -> set:
+        rows = self._execute("SELECT column_name FROM information_schema.columns WHERE table_name = ? "
+                             "AND table_schema = current_schema()", (table,)).fetchall()
+        return {r[0] for r in rows}
 
     def _sql(self, text: str) -> str:
         return text.replace("?", "%s")

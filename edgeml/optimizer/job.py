@@ -117,7 +117,7 @@ def optimize(config: OptimizeConfig, on_step: Callable[[str], None] = lambda s: 
     from edgeml.core.artifact import write_artifact
     from edgeml.core.selftest import tolerance
     from edgeml.core.signing import load_private_key
-    from edgeml.core.stats import baseline_stats
+    from edgeml.core.stats import baseline_stats, output_stats
 
     from .manifest import build_manifest
     from .report import plot_candidates
@@ -210,6 +210,7 @@ def optimize(config: OptimizeConfig, on_step: Callable[[str], None] = lambda s: 
     atol = tolerance(st_out, {s.name: s.scale for s in runner.outputs})
     baseline = baseline_stats((calib_ds or eval_ds).inputs)
     baseline["source"] = "calibration" if calib_ds is not None else "eval"
+    baseline["outputs"] = output_stats(chosen.eval_outputs or {})  # predicted classes on eval, on the device runtime
     everything = [s.measured for s in stage_results] + built
     manifest = build_manifest(
         config=config, source=user_source, chosen=chosen, measured=measured, goal_met=goal_met,

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The whole path on a small real task: train, make keys, optimize, inspect, verify, bench,
 # check the artifact the way a device will, distill -> prune -> quantize by recipe, and serve
-# the result with the device agent. Run from the repository root (make quickstart).
+# the result with the device agent, then roll v2 out to two devices over a broker. Run from the
+# repository root (make quickstart).
 set -euo pipefail
 BIN=${BIN:-.venv/bin}
 OUT=${OUT:-build/quickstart}
@@ -25,4 +26,10 @@ OUT=${OUT:-build/quickstart}
 rm -rf "$OUT/agent-data"
 "$BIN/python" examples/digits/serve.py "$OUT/digits-small.edgeml" --public-key "$OUT/keys/signing.pub" \
     --eval "$OUT/eval.npz" --data-dir "$OUT/agent-data" --agent "$BIN/edgeml-agent"
-echo "quickstart done: artifacts $OUT/digits.edgeml and $OUT/digits-small.edgeml, plots $OUT/*.candidates.png"
+# Fleet updates: v2 of the digits model, pushed over a broker to two devices in health-gated waves.
+"$BIN/edgeml" optimize "$OUT/digits.keras" -o "$OUT/digits-v2.edgeml" --calibration "$OUT/calib.npz" \
+    --eval "$OUT/eval.npz" --labels "$OUT/labels.txt" --recipe int8 --key "$OUT/keys/signing.key" \
+    --name digits --version 2 --no-plot
+"$BIN/python" examples/digits/fleet.py --v1 "$OUT/digits.edgeml" --v2 "$OUT/digits-v2.edgeml" \
+    --key "$OUT/keys/signing.key" --eval "$OUT/eval.npz" --work "$OUT/fleet" --bin "$BIN"
+echo "quickstart done: artifacts $OUT/digits.edgeml, $OUT/digits-v2.edgeml and $OUT/digits-small.edgeml, plots $OUT/*.candidates.png"

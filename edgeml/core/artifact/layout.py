@@ -44,6 +44,7 @@ class Artifact:
     verified: bool = False
     content_size: int = 0  # of the ZIP inside
     compressed: bool = False
+    content_sha256: str = ""  # of the ZIP inside: what the signature covers, whatever the packing
 
 
 def canonical_json(obj) -> bytes:

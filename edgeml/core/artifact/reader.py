@@ -7,7 +7,6 @@ import base64
 import binascii
 import io
 import json
-import os
 import struct
 import zipfile
 from collections import Counter
@@ -17,7 +16,7 @@ from typing import TYPE_CHECKING, Dict, List, Optional, Tuple
 import numpy as np
 
 from .. import transfer
-from ..errors import InputError, KeyFileError, VerificationError
+from ..errors import InputError, VerificationError
 from .layout import (
     BASELINE,
     MANIFEST,
@@ -47,7 +46,9 @@ def read_artifact(path: PathLike) -> Artifact:
 def verify_artifact(path: PathLike, public_key_or_path) -> Artifact:
     """Read an artifact and check its integrity and its Ed25519 signature against the given key."""
     path = Path(path)
-    public_key = _public_key(public_key_or_path)
+    from ..signing import public_key_of
+
+    public_key = public_key_of(public_key_or_path)
     return parse(_read_file(path), path, public_key)
 
 
@@ -114,7 +115,13 @@ def parse(raw: bytes, path: Path, public_key: Optional["ed25519.Ed25519PublicKey
         verified=public_key is not None,
         content_size=len(data),
         compressed=raw is not data,
+        content_sha256=sha256(data),
     )
+
+
+def unpacked(raw: bytes, path: Path = Path("artifact")) -> bytes:
+    """The ZIP inside an artifact file's bytes (the bytes themselves when stored uncompressed)."""
+    return _unwrap(raw, path)
 
 
 def _unwrap(raw: bytes, path: Path) -> bytes:
@@ -284,20 +291,3 @@ def _changed(path: Path, name: str, how: str) -> VerificationError:
     return VerificationError(
         f"{path}: {name} was changed after signing ({how}); do not deploy it, get a fresh copy or rebuild it"
     )
-
-
-def _public_key(public_key_or_path) -> "ed25519.Ed25519PublicKey":
-    from cryptography.hazmat.primitives.asymmetric import ed25519
-
-    from ..signing import describe_key_type, load_public_key
-
-    if isinstance(public_key_or_path, (str, os.PathLike)):
-        return load_public_key(public_key_or_path)
-    if isinstance(public_key_or_path, ed25519.Ed25519PrivateKey):
-        raise KeyFileError("this is the private key; pass signing.pub (the public key) to verify")
-    if not isinstance(public_key_or_path, ed25519.Ed25519PublicKey):
-        raise KeyFileError(
-            f"verifying needs an Ed25519 public key, not an {describe_key_type(public_key_or_path)} key "
-            "object; pass signing.pub"
-        )
-    return public_key_or_path

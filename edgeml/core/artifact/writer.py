@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import base64
 import logging
-import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Dict
 
@@ -11,7 +10,7 @@ import numpy as np
 
 from .. import transfer
 from ..atomic import write_atomic
-from ..errors import InputError, KeyFileError
+from ..errors import InputError
 from .layout import (
     BASELINE,
     MANIFEST,
@@ -31,7 +30,7 @@ from .layout import (
 from .reader import parse
 
 if TYPE_CHECKING:
-    from cryptography.hazmat.primitives.asymmetric import ed25519
+    pass
 
 logger = logging.getLogger(__name__)
 
@@ -60,9 +59,9 @@ def write_artifact(
     existing file there stays untouched) and no temporary file remains.
     """
     path = Path(path)
-    from ..signing import key_id
+    from ..signing import key_id, private_key_of
 
-    key = _private_key(private_key)
+    key = private_key_of(private_key)
     if model_format not in MODEL_MEMBERS:
         raise ValueError(f"model_format must be one of {sorted(MODEL_MEMBERS)}, not {model_format!r}")
     if not isinstance(manifest, dict) or not isinstance(baseline, dict):
@@ -95,23 +94,6 @@ def write_artifact(
     _publish(path, shipped)
     logger.info("wrote %s (%d bytes, %d unpacked, key id %s)", path, len(shipped), len(data), artifact.key_id)
     return artifact
-
-
-def _private_key(private_key) -> "ed25519.Ed25519PrivateKey":
-    from cryptography.hazmat.primitives.asymmetric import ed25519
-
-    from ..signing import describe_key_type, load_private_key
-
-    if isinstance(private_key, (str, os.PathLike)):
-        return load_private_key(private_key)
-    if isinstance(private_key, ed25519.Ed25519PublicKey):
-        raise KeyFileError("this is the public key; pass signing.key (the private key) to sign")
-    if not isinstance(private_key, ed25519.Ed25519PrivateKey):
-        raise KeyFileError(
-            f"artifacts are signed with an Ed25519 private key, not an {describe_key_type(private_key)} key; "
-            "pass the signing.key made by `edgeml keys generate`"
-        )
-    return private_key
 
 
 def _publish(path: Path, data: bytes) -> None:

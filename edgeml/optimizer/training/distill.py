@@ -12,7 +12,7 @@ from __future__ import annotations
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 from edgeml.core.data import Dataset
 from edgeml.core.errors import InputError, UsageError, first_line
@@ -31,6 +31,9 @@ from .keras_train import (
     require_labels,
     score,
 )
+
+if TYPE_CHECKING:
+    import keras
 
 WIDTH_KEYS = ("filters", "units", "output_dim")  # config keys that set a layer's output width
 LOG_FLOOR = 1e-30  # keeps log(p) finite where a float32 softmax underflows, far below any class that matters

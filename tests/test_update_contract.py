@@ -1,0 +1,127 @@
+"""The shared vocabulary of updates, without processes: rules, waves, desired messages, signed
+rollback orders, deltas."""
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+
+from edgeml.core import update_contract as uc
+from edgeml.core.delta import apply_patch, make_patch
+from edgeml.core.errors import VerificationError
+from edgeml.core.orders import make_order, refusal, verify_order
+from edgeml.core.signing import generate_keys, load_private_key
+
+
+def test_rules_parse_and_judge_against_the_replaced_model():
+    rules = uc.parse_rules("error_rate>0.05, latency_p95>1.5x, nan_rate>0, class_shift>0.3, failed>10%")
+    assert [str(r) for r in rules] == ["error_rate>0.05", "latency_p95>1.5x", "nan_rate>0", "class_shift>0.3",
+                                       "failed>10%"]
+    assert rules[-1].threshold == pytest.approx(0.1) and rules[-1].where == "fleet"
+    ref = {"requests": 500, "error_rate": 0.0, "latency_p95_ms": 2.0, "source": "live"}
+    good = {"requests": 100, "error_rate": 0.01, "latency_p95_ms": 2.5, "nan_rate": 0.0, "class_shift": 0.1,
+            "reference": ref}
+    assert uc.violations(rules, good) == []
+    bad = dict(good, error_rate=0.2, latency_p95_ms=40.0, nan_rate=0.01)
+    broken = uc.violations(rules, bad)
+    assert len(broken) == 3 and "latency_p95 40 > 1.5x the replaced model's 2" in broken[1]
+    # slower by more than the factor but by less than LATENCY_SLACK_MS: noise, not held against it
+    assert uc.violations(rules, dict(good, latency_p95_ms=2.9)) == []
+    # without live traffic to compare with, latency is compared on the self-test inputs
+    selftest = dict(good, latency_p95_ms=40.0, selftest_ms=3.0, reference=dict(ref, latency_p95_ms=0.5,
+                                                                                source="selftest"))
+    assert uc.violations(rules, selftest) == ["latency_p95 3 > 1.5x the replaced model's 0.5"]
+    assert uc.violations(rules, dict(selftest, selftest_ms=0.9)) == []
+    for text, message in (("error_rate<0.1", "should look like"), ("speed>2x", "unknown metric"),
+                          ("latency_p95>2", "takes"), ("failed>2x", "takes")):
+        with pytest.raises(ValueError, match=message):
+            uc.parse_rules(text)
+
+
+def test_waves_durations_and_sizes():
+    assert uc.wave_sizes(uc.parse_waves("1,10%,50%,100%"), 1000) == [1, 100, 500, 1000]
+    assert uc.wave_sizes(uc.parse_waves("1,10%,50%,100%"), 2) == [1, 2]  # waves that add nobody go
+    assert uc.wave_sizes(uc.parse_waves("5"), 3) == [3]
+    assert uc.wave_sizes(uc.parse_waves("2"), 10) == [2, 10]  # 100% is always the last
+    assert [uc.parse_duration(t) for t in ("300", "30s", "5m", "2h", "250ms", 7)] == [300, 30, 300, 7200, 0.25, 7]
+    for bad in ("0%", "150%", "x", "-1"):
+        with pytest.raises(ValueError):
+            uc.parse_waves(bad)
+    with pytest.raises(ValueError):
+        uc.parse_duration("soon")
+
+
+def test_desired_round_trip_and_what_a_device_refuses_to_read():
+    data = bytes(range(256)) * 40
+    full = uc.Transfer.of(data, "full", 4096)
+    assert full.blocks == 3 and full.span(2) == (8192, len(data) - 8192)
+    target = {"name": "m", "version": 2, "sha256": full.id, "content_sha256": "c" * 64, "size": len(data),
+              "format": "tflite"}
+    desired = uc.Desired("f1", "dev1", "r1", time.time(), target, full, None, uc.Health(window_s=10))
+    back = uc.decode_desired(desired.encode())
+    assert back.full == full and back.health.window_s == 10 and back.version == 2
+    assert uc.decode_desired(b"") is None  # a cleared retained message: nothing desired
+    for mangle, message in ((lambda d: d.update(schema=2), "schema 1"),
+                            (lambda d: d["target"].update(version="2"), "target needs"),
+                            (lambda d: d["full"].update(hashes=["0" * 16]), "malformed"),
+                            (lambda d: d["full"].update(id="a" * 64), "not the target's file"),
+                            (lambda d: d["health"].update(rules="error_rate<1"), "health")):
+        import json
+
+        body = json.loads(desired.encode())
+        mangle(body)
+        with pytest.raises(ValueError, match=message):
+            uc.decode_desired(json.dumps(body).encode())
+
+
+def test_block_requests_are_bounded():
+    payload = uc.encode_request("a" * 64, [0, 1, 2], "t1")
+    assert uc.decode_request(payload) == ("a" * 64, [0, 1, 2], "t1")
+    for bad in (uc.encode_request("a" * 64, list(range(uc.MAX_BLOCKS_PER_REQUEST + 1)), "t"),
+                uc.encode_request("not-a-sha", [0], "t"), b"{", uc.encode_request("a" * 64, [-1], "t")):
+        with pytest.raises(ValueError):
+            uc.decode_request(bad)
+
+
+@pytest.fixture(scope="module")
+def keys(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("keys")
+    private, public = generate_keys(folder)
+    other, _ = generate_keys(folder / "other")
+    return private, public, other
+
+
+def test_rollback_orders_are_signed_expire_and_cannot_be_replayed(keys):
+    private, public, other = keys
+    signed = make_order(private, fleet="f1", devices=["dev1"], name="digits", allow=[(2, "c" * 64)],
+                        expires_in=3600)
+    body = verify_order(signed, public)
+    ok = dict(fleet="f1", device="dev1", name="digits", version=2, content_sha256="c" * 64, last_issued=0.0)
+    assert refusal(body, **ok) is None
+    assert "does not name device" in refusal(body, **dict(ok, device="dev2"))
+    assert "does not allow" in refusal(body, **dict(ok, version=1))
+    assert "replay" in refusal(body, **dict(ok, last_issued=body["issued"]))
+    assert "expired" in refusal(body, **ok, now=body["expires"] + 1)
+    assert "fleet" in refusal(body, **dict(ok, fleet="f2"))
+    forged = dict(signed, order=dict(signed["order"], allow=[[1, "c" * 64]]))
+    with pytest.raises(VerificationError, match="changed or forged"):
+        verify_order(forged, public)
+    with pytest.raises(VerificationError, match="not the fleet's key"):
+        verify_order(make_order(load_private_key(other), fleet="f1", devices="*", name="digits",
+                                allow=[(1, "c" * 64)]), public)
+    with pytest.raises(ValueError, match="expire within"):
+        make_order(private, fleet="f1", devices="*", name="digits", allow=[], expires_in=10 ** 9)
+
+
+def test_delta_rebuilds_exactly_and_refuses_what_does_not_apply():
+    rng = np.random.default_rng(0)
+    base = rng.integers(0, 255, 200_000, dtype=np.uint8).tobytes()
+    target = base[:120_000] + rng.integers(0, 255, 500, dtype=np.uint8).tobytes() + base[120_500:]
+    patch = make_patch(base, target)
+    assert len(patch) < 3000  # a 500-byte change in 200 KB
+    assert apply_patch(base, patch, max_size=1 << 20) == target
+    with pytest.raises(ValueError, match="at most"):
+        apply_patch(base, patch, max_size=1000)
+    with pytest.raises(ValueError):
+        apply_patch(base, patch[:-10], max_size=1 << 20)
