@@ -1,22 +1,25 @@
 """Fleet rollout benchmark: many devices, one Mosquitto, one ``edgeml fleet serve``.
 
-Devices are simulated in worker processes, many per process, each with the real pieces that
+Devices are simulated in worker processes (32 by default, so ~31 devices share a Python process
+and its GIL, as 1,000 cannot share one), each with the real pieces that
 carry an update: its own MQTT link (``device_agent.mqtt_link``), update engine and on-disk state
 (``device_agent.updates``), and a LiteRT model service that the engine verifies, self-tests and
 swaps. What a light device leaves out is the HTTP API and the telemetry recorder; it verifies
 signatures in-process (one cryptography import per worker, not a child per check) and serves no
-traffic, so its health windows close with zero requests (``--min-requests 0``).
+traffic, so its health windows close with zero requests (``--min-requests 0``). The devices'
+data directories are in memory (/dev/shm): each real device has a disk of its own.
 
 For 10, 100 and 1,000 devices: time from ``fleet push`` to the rollout completed (waves
 1,10%,50%,100%, health window 2 s), MQTT bytes each device moved for the update against the
 artifact's size (desired message, block requests and blocks, with their MQTT framing, counted at
 the device), controller CPU seconds and peak RSS, broker CPU seconds.
 
-    python benchmarks/fleet_benchmark.py [--devices 10,100,1000] [--workers 4]
+    python benchmarks/fleet_benchmark.py [--devices 10,100,1000] [--workers 32]
 """
 from __future__ import annotations
 
 import argparse
+import getpass
 import json
 import os
 import resource
@@ -68,15 +71,19 @@ def _varint_len(n: int) -> int:
 
 def worker(args) -> None:
     """Run ``args.count`` light devices; print one JSON line per device when asked to stop."""
-    from edgeml.core.artifact import verify_artifact
-    from edgeml.core.orders import verify_order
     from device_agent.mqtt_link import MqttLink
     from device_agent.serving import ModelService
     from device_agent.telemetry import TelemetryQueue
     from device_agent.updates import HealthMonitor, UpdateEngine, UpdateStore
+    from edgeml.core.artifact import verify_artifact
+    from edgeml.core.orders import verify_order
 
     def verified(path, key):
         return verify_artifact(path, key)
+
+    # Light devices make no telemetry: they share one (empty) queue, so a worker holds three file
+    # descriptors per device (paho's socket and wake-up pair) and stays under select()'s 1,024.
+    shared_queue = TelemetryQueue(Path(args.data) / f"{args.prefix}-telemetry.db", 1 << 20)
 
     class LightDevice:
         def __init__(self, name: str, data_dir: Path):
@@ -85,8 +92,7 @@ def worker(args) -> None:
             self.service = self.load(args.artifact)
             self.store.adopt(self.service.artifact, Path(args.artifact))
             self.monitor = HealthMonitor()
-            self.queue = TelemetryQueue(data_dir / "telemetry.db", 1 << 20)
-            self.link = MqttLink(args.broker, "sim", name, self.queue, state=self.state, poll_s=1.0,
+            self.link = MqttLink(args.broker, "sim", name, shared_queue, state=self.state, poll_s=1.0,
                                  backoff_min=0.5, backoff_max=5.0)
             self.engine = UpdateEngine(self.store, self.link, self, self.monitor, fleet="sim", device=name,
                                        verify_file=lambda p: verified(p, args.public_key),
@@ -144,11 +150,13 @@ def run(n: int, workers: int, work: Path, v1: Path, v2: Path, key: Path, pub: Pa
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     port = free_port()
-    (work / "mosquitto.conf").write_text(f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n"
+    (work / "mosquitto.conf").write_text(f"user {getpass.getuser()}\nlistener {port} 127.0.0.1\n"
+                                         "allow_anonymous true\npersistence false\n"
                                          f"max_queued_messages 0\nlog_dest file {work / 'mosquitto.log'}\n")
 
-    def raise_nofile():
-        resource.setrlimit(resource.RLIMIT_NOFILE, (65536, 65536))
+    def raise_nofile():  # Mosquitto and the workers hold a socket per device
+        hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
     broker = subprocess.Popen([shutil.which("mosquitto") or "/usr/sbin/mosquitto", "-c", str(work / "mosquitto.conf")],
                               preexec_fn=raise_nofile)
@@ -158,11 +166,15 @@ def run(n: int, workers: int, work: Path, v1: Path, v2: Path, key: Path, pub: Pa
                              stdout=subprocess.DEVNULL, stderr=open(work / "serve.log", "wb"), preexec_fn=raise_nofile)
     procs = []
     per = [n // workers + (1 if i < n % workers else 0) for i in range(workers)]
+    # Each real device has its own storage; a thousand simulated ones on one disk would measure
+    # that disk's fsync rate. Their data goes to memory (/dev/shm) where there is one.
+    shm = Path("/dev/shm")
+    devices_dir = Path(tempfile.mkdtemp(prefix="edgeml-fleet-devices-", dir=shm if shm.is_dir() else work))
     try:
         for i, count in enumerate(c for c in per if c):
             procs.append(subprocess.Popen(
                 [sys.executable, __file__, "--worker", "--count", str(count), "--prefix", f"w{i}", "--broker", url,
-                 "--artifact", str(v1), "--public-key", str(pub), "--data", str(work / "devices")],
+                 "--artifact", str(v1), "--public-key", str(pub), "--data", str(devices_dir)],
                 stdout=subprocess.PIPE, stderr=open(work / f"worker{i}.log", "wb"), text=True,
                 preexec_fn=raise_nofile))
         for p in procs:
@@ -175,22 +187,26 @@ def run(n: int, workers: int, work: Path, v1: Path, v2: Path, key: Path, pub: Pa
                 if time.monotonic() > deadline:
                     raise RuntimeError("not every device reported v1")
                 time.sleep(0.5)
-        cpu0 = {"serve": proc_cpu(serve.pid), "broker": proc_cpu(broker.pid)}
+        cpu0 = {"serve": proc_cpu(serve.pid), "broker": proc_cpu(broker.pid),
+                "devices": sum(proc_cpu(p.pid) for p in procs)}
         started = time.monotonic()
         pushed = subprocess.run([sys.executable, "-m", "edgeml.cli", "fleet", "push", str(v2), "--fleet", "sim",
                                  "--key", str(key), "--waves", "1,10%,50%,100%", "--health-window", "2s",
                                  "--no-delta", "--db", db, "--json"], capture_output=True, text=True, check=True)
         rollout = json.loads(pushed.stdout)["rollout"]
         with open_store(db) as store:
-            deadline = time.monotonic() + 600
+            deadline, waves = time.monotonic() + 600, {}
             while (r := store.rollout(rollout))["state"] not in ("completed", "aborted", "paused"):
                 if time.monotonic() > deadline:
                     raise RuntimeError("the rollout did not finish in 10 minutes")
+                waves.setdefault(r["wave"], round(time.monotonic() - started, 1))
                 time.sleep(0.2)
             with store.transaction(write=False):
-                states = [a["state"] for a in store.assignments(rollout)]
+                assignments = store.assignments(rollout)
+            states = [a["state"] for a in assignments]
         converged = time.monotonic() - started
         cpu = {k: (proc_cpu(p.pid) - cpu0[k]) for k, p in (("serve", serve), ("broker", broker))}
+        cpu["devices"] = sum(proc_cpu(p.pid) for p in procs) - cpu0["devices"]
         peak = proc_peak_rss(serve.pid)
     finally:
         for p in procs:
@@ -203,6 +219,7 @@ def run(n: int, workers: int, work: Path, v1: Path, v2: Path, key: Path, pub: Pa
         serve.wait(60)
         broker.terminate()
         broker.wait(30)
+        shutil.rmtree(devices_dir, ignore_errors=True)
     size = read_artifact(v2).size
     per_device = [w["wire"]["desired"] + w["wire"]["requests"] + w["wire"]["blocks"] for w in wires]
     return {
@@ -211,6 +228,9 @@ def run(n: int, workers: int, work: Path, v1: Path, v2: Path, key: Path, pub: Pa
         "wire_ratio_max": round(max(per_device) / size, 4), "wire_ratio_mean": round(sum(per_device) / len(per_device) / size, 4),
         "controller_cpu_s": round(cpu["serve"], 2), "controller_peak_rss_mib": round(peak / 2 ** 20, 1),
         "broker_cpu_s": round(cpu["broker"], 2), "on_v2": sum(1 for w in wires if w["version"] == 2),
+        "simulated_devices_cpu_s": round(cpu["devices"], 1),
+        "states": {s: states.count(s) for s in sorted(set(states))}, "wave_started_s": waves,
+        "errors": sorted({a["detail"].get("error", "")[:160] for a in assignments if a["state"] != "committed"})[:5],
     }
 
 
@@ -245,7 +265,8 @@ def main() -> int:
     parser.add_argument("--public-key")
     parser.add_argument("--data")
     parser.add_argument("--devices", default="10,100,1000")
-    parser.add_argument("--workers", type=int, default=4)
+    parser.add_argument("--workers", type=int, default=32)
+    parser.add_argument("--keep", action="store_true", help="Keep the work folder (logs, the store) to look into.")
     args = parser.parse_args()
     if args.worker:
         worker(args)
@@ -270,7 +291,10 @@ def main() -> int:
                                       f"artifact {rows[0]['artifact_bytes']:,} bytes (int8 digits CNN, zstd).\n\n"
                                       + "\n".join(lines) + "\n")
     print("\n".join(lines))
-    shutil.rmtree(work, ignore_errors=True)
+    if args.keep:
+        print(f"kept {work}")
+    else:
+        shutil.rmtree(work, ignore_errors=True)
     return 0
 
 

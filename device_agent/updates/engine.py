@@ -47,7 +47,7 @@ log = logging.getLogger("edgeml-agent.updates")
 # Tests set this to widen the moments between steps, so that a real SIGKILL can land in each state.
 STEP_DELAY_S = float(os.environ.get("EDGEML_UPDATE_STEP_DELAY", "0") or 0)
 EARLY_VERDICT = 20  # requests after which a broken rule rolls back before the window closes
-LATENCY_RUNS = 20  # self-test inputs timed on the old and the new model
+LATENCY_RUNS = 30  # self-test inputs timed on the old and the new model
 IN_PROGRESS = (uc.DOWNLOADING, uc.VERIFYING, uc.STAGED, uc.SELF_TESTING, uc.ACTIVATING)
 
 
@@ -348,7 +348,7 @@ class UpdateEngine:
         except EdgemlError as exc:
             raise UpdateFailed(f"self-test failed: {first_line(exc)}", mark=True) from exc
         old = self.host.service
-        new_ms, old_ms = _selftest_latency(new), _selftest_latency(old)
+        new_ms, old_ms = _selftest_latencies(new, old)
         budget = desired.health.latency_budget
         if old_ms and new_ms > budget * old_ms:
             raise UpdateFailed(f"self-test: {new_ms:.3f} ms per reference input, {new_ms / old_ms:.1f}x the "
@@ -489,22 +489,26 @@ def _desired_of(state: dict) -> uc.Desired:
     return uc.decode_desired(json.dumps(state["desired"]).encode())
 
 
-def _selftest_latency(service) -> Optional[float]:
-    """Median milliseconds per reference input on this device."""
+def _selftest_latencies(new, old) -> tuple:
+    """Milliseconds per reference input of the new and the old model on this device: each the
+    fastest of ``LATENCY_RUNS`` runs, the two interleaved, so that a busy moment (another thread,
+    another process) slows both alike and cannot make one look several times slower."""
     from edgeml.core.data import Dataset
 
-    art = service.artifact
-    ds = Dataset(art.selftest_inputs, whole=bool(art.manifest.get("selftest", {}).get("whole_samples", False)))
-    if not len(ds):
-        return None
-    times = []
+    def feeds(service):
+        art = service.artifact
+        ds = Dataset(art.selftest_inputs, whole=bool(art.manifest.get("selftest", {}).get("whole_samples", False)))
+        return [ds.feed(i) for i in range(len(ds))]
+
+    runs = {"new": (new, feeds(new), []), "old": (old, feeds(old), [])}
+    if not runs["new"][1] or not runs["old"][1]:
+        return None, None
     for i in range(LATENCY_RUNS):
-        feed = ds.feed(i % len(ds))
-        t0 = time.perf_counter()
-        service.infer(feed)
-        times.append((time.perf_counter() - t0) * 1000.0)
-    times.sort()
-    return times[len(times) // 2]
+        for service, inputs, times in runs.values():
+            t0 = time.perf_counter()
+            service.infer(inputs[i % len(inputs)])
+            times.append((time.perf_counter() - t0) * 1000.0)
+    return min(runs["new"][2]), min(runs["old"][2])
 
 
 def serving_path(store: UpdateStore, configured: Path) -> Path:

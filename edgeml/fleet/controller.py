@@ -35,7 +35,8 @@ ROLLBACK_WINDOW_S = 30.0  # health window of the way back after an abort
 
 
 class Controller:
-    def __init__(self, store: Store, publish: Callable[[str, bytes], bool], *, republish_s: float = REPUBLISH_S):
+    def __init__(self, store: Store, publish: Callable[[List[Tuple[str, bytes]]], List[bool]], *,
+                 republish_s: float = REPUBLISH_S):
         self.store, self.publish, self.republish_s = store, publish, republish_s
         self._transfers: Dict[str, dict] = {}  # content_sha256 -> full transfer of an artifact the store holds
 
@@ -48,11 +49,14 @@ class Controller:
                 if r is None or r["state"] not in ("running", "paused", "aborting"):
                     continue
                 sends = self.reconcile(r)
-            for device, payload in sends:
-                if self.publish(topic(r["fleet"], device, "desired"), payload):
-                    published += 1
-                    with self.store.transaction():
+            if not sends:
+                continue
+            confirmed = self.publish([(topic(r["fleet"], device, "desired"), payload) for device, payload in sends])
+            with self.store.transaction():  # one commit for the whole wave, not one per device
+                for (device, _), ok in zip(sends, confirmed):
+                    if ok:
                         self.store.update_assignment(r["id"], device, desired_at=time.time())
+            published += sum(confirmed)
         return published
 
     # -- one rollout -------------------------------------------------------------------------------

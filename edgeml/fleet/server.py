@@ -90,18 +90,22 @@ class ControlLink:
                 props.UserProperty = list(user_properties)
         return self.client.publish(name, payload, qos=1, retain=retain, properties=props).rc == mqtt.MQTT_ERR_SUCCESS
 
-    def publish_confirmed(self, name: str, payload: bytes) -> bool:
-        """Publish retained at QoS 1 and wait for the broker's PUBACK (a desired message)."""
+    def publish_confirmed(self, messages) -> list:
+        """Publish ``(topic, payload)`` messages retained at QoS 1 (desired messages), then wait for
+        the broker's PUBACKs; whether each was confirmed within PUBLISH_TIMEOUT_S."""
         if not self.client.is_connected():
-            return False
-        info = self.client.publish(name, payload, qos=1, retain=True)
-        if info.rc != mqtt.MQTT_ERR_SUCCESS:
-            return False
-        try:
-            info.wait_for_publish(PUBLISH_TIMEOUT_S)
-        except (RuntimeError, ValueError):
-            return False
-        return info.is_published()
+            return [False] * len(messages)
+        infos = [self.client.publish(name, payload, qos=1, retain=True) for name, payload in messages]
+        deadline = time.monotonic() + PUBLISH_TIMEOUT_S
+        confirmed = []
+        for info in infos:
+            try:
+                if info.rc == mqtt.MQTT_ERR_SUCCESS:
+                    info.wait_for_publish(max(0.0, deadline - time.monotonic()))
+            except (RuntimeError, ValueError):
+                pass
+            confirmed.append(info.rc == mqtt.MQTT_ERR_SUCCESS and info.is_published())
+        return confirmed
 
     def stop(self) -> None:
         self.client.disconnect()
