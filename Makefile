@@ -45,6 +45,8 @@ bench: $(STAMP) $(INC_STAMP) mosquitto
 	$(BIN)/python benchmarks/optimize_benchmark.py
 	$(BIN)/python benchmarks/compress_benchmark.py
 	$(BIN)/python benchmarks/agent_benchmark.py
+	$(BIN)/python benchmarks/fleet_benchmark.py
+	$(BIN)/python benchmarks/delta_benchmark.py
 
 clean:
 	rm -rf build .pytest_cache

@@ -132,8 +132,9 @@ def fill_queue(path: Path, n: int):
 
 
 def telemetry_rate(broker: Mosquitto, work: Path, n: int) -> dict:
-    """Until every record is acknowledged; a subscriber takes them (without one the agent keeps
-    its records: the broker would answer 'no matching subscribers')."""
+    """Until the broker has acknowledged every record (PUBACK); a subscriber takes them (without
+    one the broker would answer 'no matching subscribers'). The records stay queued on the device
+    until a host acks them (no collector here): this is the device-to-broker rate."""
     import paho.mqtt.client as mqtt
 
     from device_agent.mqtt_link import MqttLink
@@ -151,7 +152,7 @@ def telemetry_rate(broker: Mosquitto, work: Path, n: int) -> dict:
     link = MqttLink(broker.url, "bench", "dev-telemetry", queue)
     t = time.perf_counter()
     link.start()
-    while queue.stats()["records"] > 0:
+    while link.status()["published_records"] < n:
         time.sleep(0.01)
     seconds = time.perf_counter() - t
     link.stop()
@@ -187,7 +188,7 @@ def collector_rate(broker: Mosquitto, url: str, work: Path, n: int, tag: str) ->
     queue = fill_queue(work / f"collector-{tag}.db", n)  # published while the collector is away
     link = MqttLink(broker.url, "bench", f"dev-{tag}", queue)
     link.start()
-    while queue.stats()["records"] > 0:
+    while link.status()["published_records"] < n:  # all with the broker (the collector acks them later)
         time.sleep(0.01)
     link.stop()
     queue.close()

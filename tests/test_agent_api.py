@@ -34,7 +34,8 @@ class RecordingSink:
     def __init__(self):
         self.inferences, self.errors = [], []
 
-    def inference(self, model, version, latency_ms, inputs, outputs):
+    def inference(self, model, version, latency_ms, inputs, outputs, run_ms=None):
+        assert run_ms is not None and 0 < run_ms <= latency_ms  # the model's share of the request
         self.inferences.append((model, version, latency_ms, inputs, outputs))
 
     def error(self, model, status, message, latency_ms):

@@ -26,6 +26,10 @@ def test_rules_parse_and_judge_against_the_replaced_model():
     bad = dict(good, error_rate=0.2, latency_p95_ms=40.0, nan_rate=0.01)
     broken = uc.violations(rules, bad)
     assert len(broken) == 3 and "latency_p95 40 > 1.5x the replaced model's 2" in broken[1]
+    # a p95 of few requests is not judged; the class distribution only once the window closed
+    assert uc.violations(rules, dict(bad, requests=50)) == broken[:1] + broken[2:]
+    shifted = dict(good, class_shift=0.5)
+    assert uc.violations(rules, shifted, early=True) == [] and len(uc.violations(rules, shifted)) == 1
     # slower by more than the factor but by less than LATENCY_SLACK_MS: noise, not held against it
     assert uc.violations(rules, dict(good, latency_p95_ms=2.9)) == []
     # without live traffic to compare with, latency is compared on the self-test inputs

@@ -257,7 +257,8 @@ class _Handler(BaseHTTPRequestHandler):
             reply["id"] = request["id"]
         body, header_length = encode_outputs(reply, outputs, wanted or {}, default_binary)
         seconds = time.perf_counter() - self._started
-        report_safely(self._sink.inference, service.name, service.version, seconds * 1000.0, inputs, outputs)
+        report_safely(self._sink.inference, service.name, service.version, seconds * 1000.0, inputs, outputs,
+                      service.last_run_ms())
         self._api.record(service.name, 200, seconds)
         headers = {} if header_length is None else {"Inference-Header-Content-Length": str(header_length)}
         kind = "application/json" if header_length is None else "application/octet-stream"

@@ -143,7 +143,7 @@ class Recorder:
         self._thread = threading.Thread(target=self._run, name="edgeml-telemetry", daemon=True)
         self._thread.start()
 
-    def inference(self, model, version, latency_ms, inputs, outputs) -> None:
+    def inference(self, model, version, latency_ms, inputs, outputs, run_ms=None) -> None:
         record = {"kind": "inference", "ts": time.time(), "model": model, "version": version,
                   "latency_ms": round(float(latency_ms), 3),
                   "outputs": {name: summarize_output(v) for name, v in outputs.items()}}

@@ -12,8 +12,8 @@ import numpy as np
 
 class TelemetrySink(Protocol):
     def inference(self, model: str, version: int, latency_ms: float,
-                  inputs: Dict[str, np.ndarray], outputs: Dict[str, np.ndarray]) -> None:
-        """A request that was served."""
+                  inputs: Dict[str, np.ndarray], outputs: Dict[str, np.ndarray], run_ms: Optional[float] = None) -> None:
+        """A request that was served: ``latency_ms`` from request to response, ``run_ms`` of it in the model."""
 
     def error(self, model: Optional[str], status: int, message: str, latency_ms: float) -> None:
         """A request that was refused (4xx) or failed (5xx)."""
@@ -22,7 +22,7 @@ class TelemetrySink(Protocol):
 class NullSink:
     """For embedding without telemetry, and for tests of the API alone."""
 
-    def inference(self, model, version, latency_ms, inputs, outputs) -> None:
+    def inference(self, model, version, latency_ms, inputs, outputs, run_ms=None) -> None:
         pass
 
     def error(self, model, status, message, latency_ms) -> None:

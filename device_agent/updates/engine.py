@@ -397,8 +397,9 @@ class UpdateEngine:
         ev = evidence(self.monitor, target["version"], self._window_start, s.get("reference") or {},
                       self.host.service.artifact.baseline, elapsed)
         ev["selftest_ms"] = (s.get("selftest_ms") or {}).get("new")
-        broken = uc.violations(health.device_rules(), ev) if ev["requests"] else []
-        if broken and (ev["requests"] >= max(health.min_requests, EARLY_VERDICT) or elapsed >= health.window_s):
+        closed = elapsed >= health.window_s
+        broken = uc.violations(health.device_rules(), ev, early=not closed) if ev["requests"] else []
+        if broken and (ev["requests"] >= max(health.min_requests, EARLY_VERDICT) or closed):
             self.store.save(evidence=ev)
             self._roll_back("on live traffic: " + "; ".join(broken))
             return

@@ -3,7 +3,8 @@
 ``HealthMonitor`` is a ``TelemetrySink`` beside the recorder: every request the API or the
 in-process client serves or refuses passes through it. It keeps the last requests (bounded) with
 the model version that served them, so at any moment it can say, for one version since a time:
-requests, runtime errors (5xx; a client's 4xx is not the model's fault), p95 latency, responses
+requests, runtime errors (5xx; a client's 4xx is not the model's fault), p95 of the time spent in
+the model (HTTP and queueing are the same whichever model serves, and only add noise), responses
 holding NaN or infinity, and the predicted-class distribution. An update compares the new
 model's window with the replaced model's recent traffic (``reference``), and the class
 distribution with the artifact's baseline.
@@ -19,6 +20,7 @@ from typing import Dict, Optional
 import numpy as np
 
 from edgeml.core.stats import js_distance
+from edgeml.core.update_contract import LATENCY_MIN_REQUESTS
 
 log = logging.getLogger("edgeml-agent.updates")
 KEEP = 20_000  # requests remembered: enough for a window and a reference at a few hundred requests/s
@@ -32,7 +34,7 @@ class HealthMonitor:
 
     # -- TelemetrySink ---------------------------------------------------------------------
 
-    def inference(self, model, version, latency_ms, inputs, outputs) -> None:
+    def inference(self, model, version, latency_ms, inputs, outputs, run_ms=None) -> None:
         nan, top1 = False, None
         for i, value in enumerate(outputs.values()):
             a = np.asarray(value)
@@ -41,7 +43,9 @@ class HealthMonitor:
             if i == 0 and a.dtype.kind == "f" and a.ndim == 2 and a.shape[-1] > 1 and len(a):
                 top1 = int(np.argmax(np.where(np.isfinite(a[0]), a[0], -np.inf)))
         with self._lock:
-            self._requests.append((time.monotonic(), version, float(latency_ms), False, nan, top1))
+            # the model's own time when known: HTTP and queueing are the same for both models and only add noise
+            self._requests.append((time.monotonic(), version, float(run_ms if run_ms is not None else latency_ms),
+                                   False, nan, top1))
 
     def error(self, model, status, message, latency_ms) -> None:
         if int(status) < 500 or model is None:
@@ -103,9 +107,10 @@ def evidence(monitor: HealthMonitor, version: int, since: float, reference: dict
 
 
 def reference_figures(monitor: HealthMonitor, version: int, selftest_latency_ms: Optional[float],
-                      min_requests: int = 20, recent_s: float = 3600.0) -> dict:
+                      min_requests: int = LATENCY_MIN_REQUESTS, recent_s: float = 3600.0) -> dict:
     """The replaced model's recent live figures (its last hour, at most its last 1,000 requests);
-    when it served too few, its latency on the self-test inputs measured on this device instead."""
+    when it served too few to give a p95, its latency on the self-test inputs measured on this
+    device instead (the new model's is then compared on the same inputs)."""
     fig = monitor.figures(version, time.monotonic() - recent_s, last=1000)
     fig.pop("classes")
     if fig["requests"] >= min_requests and fig["latency_p95_ms"] is not None:
@@ -122,7 +127,7 @@ class Tee:
         self.sinks = sinks
 
     def inference(self, *args) -> None:
-        self._each("inference", args)
+        self._each("inference", args)  # run_ms travels positionally
 
     def error(self, *args) -> None:
         self._each("error", args)

@@ -134,6 +134,9 @@ DEFAULT_RULES = "error_rate>0.05,latency_p95>1.5x,nan_rate>0,failed>10%"
 # A relative latency rule holds a model to account only for more than this much: windows are
 # measured at different moments of a shared machine, and sub-millisecond p95 differences are noise.
 LATENCY_SLACK_MS = 1.0
+# A p95 of fewer requests is one of the slowest few: a busy moment, not the model. Live latency
+# is judged only on at least this many requests.
+LATENCY_MIN_REQUESTS = 100
 _RULE = re.compile(r"^\s*([a-z_0-9]+)\s*>\s*([0-9]*\.?[0-9]+)\s*(x|ms|%)?\s*$")
 
 
@@ -175,19 +178,22 @@ def rules_text(rules: Sequence[Rule]) -> str:
     return ",".join(str(r) for r in rules)
 
 
-def violations(rules: Sequence[Rule], evidence: dict) -> List[str]:
+def violations(rules: Sequence[Rule], evidence: dict, early: bool = False) -> List[str]:
     """The device rules ``evidence`` breaks, each as one readable line. ``evidence`` holds the
-    new model's figures and ``reference`` those of the model it replaced, on this device."""
+    new model's figures and ``reference`` those of the model it replaced, on this device.
+    ``early`` (the window is still open): not the class distribution, which is a whole window's."""
     ref = evidence.get("reference") or {}
     broken = []
     for rule in rules:
-        if rule.where != "device":
+        if rule.where != "device" or (early and rule.metric == "class_shift"):
             continue
         value = evidence.get({"latency_p95": "latency_p95_ms"}.get(rule.metric, rule.metric))
         if rule.metric == "latency_p95" and rule.unit == "x" and ref.get("source") == "selftest":
             # the replaced model served too little to compare live traffic with: compare both on the
             # self-test inputs, measured the same way on this device
             value = evidence.get("selftest_ms")
+        elif rule.metric == "latency_p95" and (evidence.get("requests") or 0) < LATENCY_MIN_REQUESTS:
+            continue
         if value is None:
             continue
         if rule.unit == "x":
