@@ -131,6 +131,15 @@ def fill_queue(path: Path, n: int):
     return queue
 
 
+def publish_all(link, n: int, deadline_s: float = 300.0) -> None:
+    """Until the broker has acknowledged n records, or fail loudly (a benchmark never hangs)."""
+    t = time.monotonic()
+    while link.status()["published_records"] < n:
+        if time.monotonic() - t > deadline_s:
+            raise TimeoutError(f"only {link.status()['published_records']} of {n} records published in {deadline_s:.0f} s")
+        time.sleep(0.01)
+
+
 def telemetry_rate(broker: Mosquitto, work: Path, n: int) -> dict:
     """Until the broker has acknowledged every record (PUBACK); a subscriber takes them (without
     one the broker would answer 'no matching subscribers'). The records stay queued on the device
@@ -149,11 +158,11 @@ def telemetry_rate(broker: Mosquitto, work: Path, n: int) -> dict:
     sub.loop_start()
     subscribed.wait(10)
     queue = fill_queue(work / "telemetry.db", n)
-    link = MqttLink(broker.url, "bench", "dev-telemetry", queue)
+    # no host acks here: lift the in-flight bound so the link does not wait for them
+    link = MqttLink(broker.url, "bench", "dev-telemetry", queue, max_unacked_records=n)
     t = time.perf_counter()
     link.start()
-    while link.status()["published_records"] < n:
-        time.sleep(0.01)
+    publish_all(link, n)
     seconds = time.perf_counter() - t
     link.stop()
     queue.close()
@@ -186,10 +195,10 @@ def collector_rate(broker: Mosquitto, url: str, work: Path, n: int, tag: str) ->
     thread.join(10)
     store.close()
     queue = fill_queue(work / f"collector-{tag}.db", n)  # published while the collector is away
-    link = MqttLink(broker.url, "bench", f"dev-{tag}", queue)
+    # all with the broker before the collector comes back (it acks them later)
+    link = MqttLink(broker.url, "bench", f"dev-{tag}", queue, max_unacked_records=n)
     link.start()
-    while link.status()["published_records"] < n:  # all with the broker (the collector acks them later)
-        time.sleep(0.01)
+    publish_all(link, n)
     link.stop()
     queue.close()
     stop = threading.Event()

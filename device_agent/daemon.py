@@ -246,6 +246,10 @@ class Agent:
                  "ts": time.time(), "dropped_total": stats["dropped_total"], "queue_records": stats["records"]}
         if self.updates is not None:
             state["update"] = self.updates.status()
+        elif self.update_store is not None:  # the link is up before the engine (start, SIGHUP)
+            from .updates import update_status
+
+            state["update"] = update_status(self.update_store.state)
         return state
 
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import uuid
 from pathlib import Path
 
 import numpy as np
@@ -54,3 +55,23 @@ def mosquitto(tmp_path):
     server = Mosquitto(tmp_path / "mosquitto").start()
     yield server
     server.stop()
+
+
+PG_BASE = os.environ.get("EDGEML_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432/test")
+
+
+@pytest.fixture()
+def pg_url():
+    """A throwaway schema in PostgreSQL's ``test`` database, dropped afterwards."""
+    psycopg = pytest.importorskip("psycopg")
+    schema = f"edgeml_test_{uuid.uuid4().hex[:12]}"
+    try:
+        admin = psycopg.connect(PG_BASE, autocommit=True, connect_timeout=5)
+    except psycopg.OperationalError as exc:
+        pytest.skip(f"PostgreSQL at {PG_BASE} is not reachable: {exc}")
+    admin.execute(f"CREATE SCHEMA {schema}")
+    try:
+        yield f"{PG_BASE}?options=-csearch_path%3D{schema}"
+    finally:
+        admin.execute(f"DROP SCHEMA {schema} CASCADE")
+        admin.close()

@@ -175,3 +175,22 @@ print(json.dumps({{"shape": list(out["output_0"].shape), "status": status, "heav
     with TelemetryQueue(tmp_path / "data" / "telemetry.db") as queue:
         kinds = [r["kind"] for r in queue.peek(100, 1 << 20)]
     assert kinds.count("inference") == 1 and kinds.count("error") == 1
+
+
+def test_state_carries_the_update_before_the_engine_runs(artifact, digits_dir, tmp_path):
+    """The link publishes state as soon as it connects, before the update engine exists (at start,
+    on SIGHUP). An agent restarted mid-update serves the new model then; without its update state
+    the host would take it for a device that already runs the target and count it as committed."""
+    from device_agent.config import load_config
+    from device_agent.daemon import Agent
+
+    config = load_config(None, dict(artifact=str(artifact), public_key=str(digits_dir / "keys" / "signing.pub"),
+                                    data_dir=str(tmp_path / "data"), device_id="dev1", api="off"))
+    agent = Agent(config).start()
+    try:
+        assert agent.updates is None  # offline: no engine, as before the engine starts
+        agent.update_store.save(state="observing", rollout="r1", result=None)
+        update = agent._state()["update"]
+        assert update["state"] == "observing" and update["rollout"] == "r1" and "result" not in update
+    finally:
+        agent.stop()

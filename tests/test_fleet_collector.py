@@ -21,13 +21,13 @@ import pytest
 import zstandard
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.reasoncodes import ReasonCode
+from conftest import PG_BASE
 from waiting import wait_until
 
 from edgeml.cli import main
 from edgeml.core import mqtt_contract as contract
 from edgeml.fleet import Collector, open_store
 
-PG_BASE = os.environ.get("EDGEML_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432/test")
 FLEET = "lab"
 
 
@@ -119,18 +119,7 @@ def db_url(request, tmp_path):
     if request.param == "sqlite":
         yield f"sqlite:///{tmp_path / 'fleet.db'}"
         return
-    psycopg = pytest.importorskip("psycopg")
-    schema = f"edgeml_test_{uuid.uuid4().hex[:12]}"
-    try:
-        admin = psycopg.connect(PG_BASE, autocommit=True, connect_timeout=5)
-    except psycopg.OperationalError as exc:
-        pytest.skip(f"PostgreSQL at {PG_BASE} is not reachable: {exc}")
-    admin.execute(f"CREATE SCHEMA {schema}")
-    try:
-        yield f"{PG_BASE}?options=-csearch_path%3D{schema}"
-    finally:
-        admin.execute(f"DROP SCHEMA {schema} CASCADE")
-        admin.close()
+    yield request.getfixturevalue("pg_url")
 
 
 @pytest.fixture

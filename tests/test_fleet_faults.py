@@ -7,7 +7,6 @@ import json
 import os
 import subprocess
 import time
-import uuid
 
 import numpy as np
 import pytest
@@ -27,8 +26,6 @@ from fleet_harness import (
     wait_state,
 )
 from waiting import wait_until
-
-PG_BASE = os.environ.get("EDGEML_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432/test")
 
 
 @pytest.fixture(scope="module")
@@ -87,22 +84,6 @@ def site(tmp_path, digits_dir, versions, mosquitto):
     s = Site(tmp_path, digits_dir, versions, mosquitto, f"sqlite:///{tmp_path / 'fleet.db'}")
     yield s
     s.close()
-
-
-@pytest.fixture()
-def pg_url():
-    psycopg = pytest.importorskip("psycopg")
-    schema = f"edgeml_test_{uuid.uuid4().hex[:12]}"
-    try:
-        admin = psycopg.connect(PG_BASE, autocommit=True, connect_timeout=5)
-    except psycopg.OperationalError as exc:
-        pytest.skip(f"PostgreSQL at {PG_BASE} is not reachable: {exc}")
-    admin.execute(f"CREATE SCHEMA {schema}")
-    try:
-        yield f"{PG_BASE}?options=-csearch_path%3D{schema}"
-    finally:
-        admin.execute(f"DROP SCHEMA {schema} CASCADE")
-        admin.close()
 
 
 def test_controller_sigkill_mid_rollout_is_picked_up_by_a_restart(site):

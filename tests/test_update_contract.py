@@ -129,3 +129,18 @@ def test_delta_rebuilds_exactly_and_refuses_what_does_not_apply():
         apply_patch(base, patch, max_size=1000)
     with pytest.raises(ValueError):
         apply_patch(base, patch[:-10], max_size=1 << 20)
+
+
+def test_controller_counts_a_device_on_the_target_only_when_it_is_idle():
+    """A device that serves the target while busy with an update the rollout cannot see (say, one
+    restarted mid-observation) is not committed; idle on the target, it is."""
+    from edgeml.fleet.controller import Controller
+
+    c = Controller(store=None, publish=lambda sends: [])
+    r = {"id": "r1", "state": "running", "plan": {"target": {"content_sha256": "new"}}}
+    a = {"state": "sent", "detail": {}}
+    busy = {"content_sha256": "new", "update": {"state": "observing", "rollout": "r0"}}
+    assert c._observed(r, a, busy)[0] == "sent"
+    assert c._observed(r, a, {"content_sha256": "new", "update": {"state": "idle"}})[0] == "committed"
+    ours = {"content_sha256": "new", "update": {"state": "observing", "rollout": "r1"}}
+    assert c._observed(r, a, ours)[0] == "observing"

@@ -59,6 +59,18 @@ class UpdateFailed(Exception):
         self.mark, self.result = mark, result
 
 
+def update_status(s: dict, progress: Optional[dict] = None) -> dict:
+    """What the host sees of the update state ``s`` (also before the engine runs: an agent that
+    restarts mid-update must never look, even for one message, like a device with no update)."""
+    target = s.get("target") or {}
+    return {k: v for k, v in {
+        "rollout": s.get("rollout"), "state": s["state"], "result": s.get("result"),
+        "target_version": target.get("version"), "content_sha256": target.get("content_sha256"),
+        "progress": progress if s["state"] == uc.DOWNLOADING else None,
+        "error": s.get("error"), "evidence": s.get("evidence"), "updated": s.get("updated"),
+    }.items() if v is not None}
+
+
 class UpdateEngine:
     """Runs on its own thread. ``host`` is the agent: ``service`` (the model serving now),
     ``load(path)`` (verify in a child, load, self-test, warm up), ``swap(service)`` and
@@ -122,14 +134,7 @@ class UpdateEngine:
     # -- what the host sees -------------------------------------------------------------------
 
     def status(self) -> dict:
-        s = self.store.state
-        target = s.get("target") or {}
-        return {k: v for k, v in {
-            "rollout": s.get("rollout"), "state": s["state"], "result": s.get("result"),
-            "target_version": target.get("version"), "content_sha256": target.get("content_sha256"),
-            "progress": self._progress if s["state"] == uc.DOWNLOADING else None,
-            "error": s.get("error"), "evidence": s.get("evidence"), "updated": s.get("updated"),
-        }.items() if v is not None}
+        return update_status(self.store.state, self._progress)
 
     def _event(self, **extra) -> None:
         status = self.status()

@@ -112,7 +112,9 @@ class Controller:
             return ("returned" if back else "returning"), detail
         target = r["plan"]["target"]["content_sha256"]
         result = up.get("result") if ours else None
-        if result == "committed" or (not ours and s.get("content_sha256") == target):
+        # a device that runs the target and is busy with no update of ours has it already
+        idle = up.get("state") in (None, uc.IDLE)
+        if result == "committed" or (not ours and idle and s.get("content_sha256") == target):
             state = "committed"
         elif result == "committed_unobserved":
             state = "unobserved" if a["state"] in ("timed_out", "unobserved") else "committed_unobserved"
