@@ -79,3 +79,39 @@ def test_mixed_batched_and_whole_inputs_are_refused(tmp_path):
              sr=np.full(4, 16000, np.int64))
     with pytest.raises(DataError, match="whole inputs \\(one extra leading axis\\)"):
         match_inputs(load_data(str(tmp_path / "d.npz")), source.inputs, "eval")
+
+
+def test_external_data_beside_the_file_is_read_in(tmp_path):
+    """torch's exporter and MLflow's onnx flavor keep weights in a file beside the .onnx, even for
+    small models: it is read into the model; a missing one or one outside the folder is one line."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from edgeml.core.errors import InputError
+    from edgeml.optimizer.sources.onnx import load_onnx
+
+    w = np.random.default_rng(0).standard_normal((16, 4)).astype(np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["y"])], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 16])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 4])], [numpy_helper.from_array(w, "w")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    path = tmp_path / "m.onnx"
+    onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location="m.onnx.data", size_threshold=0)
+    assert (tmp_path / "m.onnx.data").stat().st_size == w.nbytes
+    source = load_onnx(path)
+    x = np.ones((2, 16), np.float32)
+    np.testing.assert_allclose(source.reference({"x": x})["y"], x @ w, rtol=1e-5)
+    assert not onnx.load_model_from_string(source.onnx_bytes()).graph.initializer[0].external_data  # one file now
+
+    (tmp_path / "m.onnx.data").unlink()
+    with pytest.raises(InputError, match="m.onnx.data, which is missing"):
+        load_onnx(path)
+    for t in model.graph.initializer:
+        t.data_location, t.raw_data = TensorProto.EXTERNAL, b""
+        del t.external_data[:]
+        t.external_data.add(key="location", value="../outside.data")
+    path.write_bytes(model.SerializeToString())
+    with pytest.raises(InputError, match="outside its folder"):
+        load_onnx(path)

@@ -8,7 +8,7 @@ import sys
 
 import click
 
-from edgeml.core.errors import AccuracyGoalNotMet, EdgemlError
+from edgeml.core.errors import EdgemlError
 
 from . import artifact, fleet, keys, optimize, rollouts
 from .common import emit
@@ -51,7 +51,7 @@ def main(argv=None) -> int:
         return 130
     except EdgemlError as exc:
         click.echo(f"error: {exc}", err=True)
-        if as_json and not isinstance(exc, AccuracyGoalNotMet):
+        if as_json and getattr(exc, "result", None) is None:  # else the command printed its result already
             emit({"ok": False, "error": {"type": type(exc).__name__, "message": str(exc), "exit_code": exc.exit_code}})
         return exc.exit_code
     except KeyboardInterrupt:

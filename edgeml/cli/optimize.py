@@ -7,6 +7,7 @@ from pathlib import Path
 import click
 
 from edgeml.core.errors import AccuracyGoalNotMet
+from edgeml.tracking import TrackingError
 
 from .common import emit, json_option, stderr_console, stdout_console
 
@@ -26,7 +27,7 @@ def _layer_sparsity(ctx, param, values):
 
 
 @click.command()
-@click.argument("model", type=click.Path(path_type=Path))
+@click.argument("model")
 @click.option("-o", "--output", type=click.Path(path_type=Path), required=True, help="The .edgeml file to write.")
 @click.option("--key", type=click.Path(path_type=Path), help="Private signing key (edgeml keys generate).")
 @click.option("--recipe", type=click.Choice(["auto", "fp32", "float16", "dynamic", "int8"]),
@@ -66,12 +67,17 @@ def _layer_sparsity(ctx, param, values):
 @click.option("--patience", type=int, help="Stop after this many epochs without a better eval score [default: 3].")
 @click.option("--tuner", type=click.Choice(["inc"]),
               help="Accuracy-aware int8 tuning with Intel Neural Compressor (ONNX; see README).")
+@click.option("--mlflow", "track", is_flag=True,
+              help="Record the run in MLflow at MLFLOW_TRACKING_URI: parameters, metrics per candidate, artifacts.")
+@click.option("--experiment", help="MLflow experiment of the run [default: the source run's, else 'edgeml'].")
+@click.option("--register", metavar="NAME", help="Register the signed artifact as a new version of NAME in MLflow.")
 @json_option
 def optimize(model, output, key, recipe, fmt, calibration, eval_data, max_accuracy_drop, name, version, seed,
              calibration_samples, eval_samples, latency_runs, labels, preprocessing, no_plot, recipe_file,
              train_data, prune, prune_schedule, structured, layer_sparsity, student, student_width, temperature,
-             alpha, epochs, batch_size, learning_rate, patience, tuner, as_json) -> None:
-    """Turn MODEL (.keras, SavedModel dir or .onnx) into a signed, measured artifact."""
+             alpha, epochs, batch_size, learning_rate, patience, tuner, track, experiment, register, as_json) -> None:
+    """Turn MODEL (.keras, SavedModel dir, .onnx, or an MLflow models:/ or runs:/ URI) into a signed,
+    measured artifact."""
     from edgeml.optimizer.config import OptimizeConfig
     from edgeml.optimizer.job import optimize as run_optimize
 
@@ -83,12 +89,13 @@ def optimize(model, output, key, recipe, fmt, calibration, eval_data, max_accura
                             train=train_data, prune=prune, prune_schedule=prune_schedule, structured=structured,
                             layer_sparsity=layer_sparsity, student=student, student_width=student_width,
                             temperature=temperature, alpha=alpha, epochs=epochs, batch_size=batch_size,
-                            learning_rate=learning_rate, patience=patience, tuner=tuner)
+                            learning_rate=learning_rate, patience=patience, tuner=tuner, mlflow=track,
+                            experiment=experiment, register=register)
     console = stderr_console()
     try:
         with _progress(console) as step:
             result = run_optimize(config, on_step=step)
-    except AccuracyGoalNotMet as exc:
+    except (AccuracyGoalNotMet, TrackingError) as exc:  # the artifact was written: show what it is
         if exc.result is not None:
             _show_result(exc.result, as_json)
         raise
@@ -111,6 +118,11 @@ def _show_result(result, as_json) -> None:
               f"({result.artifact_bytes} bytes to ship)")
     if result.plot:
         out.print(f"plot: {result.plot}")
+    if result.mlflow and result.mlflow.get("run_id") and not result.tracking_error:
+        out.print(f"MLflow run {result.mlflow['run_id']} at {result.mlflow['tracking_uri']}")
+        reg = result.mlflow.get("registered")
+        if reg:
+            out.print(f"registered as {reg['uri']}")
 
 
 class _progress:

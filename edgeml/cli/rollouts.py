@@ -2,6 +2,7 @@
 ``group``: rollouts over the library in ``edgeml.fleet.rollouts``."""
 from __future__ import annotations
 
+import functools
 import time
 from pathlib import Path
 
@@ -40,7 +41,7 @@ def _split(value):
 
 
 @click.command("push")
-@click.argument("artifact", type=click.Path(path_type=Path))
+@click.argument("artifact")
 @fleet_option
 @click.option("--key", type=click.Path(path_type=Path), required=True,
               help="signing.key: checks the artifact and signs the rollback order an abort may need.")
@@ -67,12 +68,16 @@ def _split(value):
 @json_option
 def fleet_push(artifact, fleet_id, key, devices, group_name, waves, health_window, min_requests, abort_on,
                wave_timeout, latency_budget, block_size, url, delta_base, no_delta, db_url, as_json) -> None:
-    """Roll ARTIFACT out to a fleet in waves; each device commits only on live evidence."""
+    """Roll ARTIFACT (a .edgeml file, or models:/NAME/VERSION registered in MLflow) out to a fleet
+    in waves; each device commits only on live evidence."""
     from edgeml.fleet import open_store
-    from edgeml.fleet.rollouts import push
+    from edgeml.fleet.rollouts import push, push_registered
+    from edgeml.tracking import is_mlflow_uri
 
     with open_store(db_url) as store:
-        result = push(store, artifact, fleet=fleet_id, key=key, devices=_split(devices), group=group_name,
+        run = functools.partial(push_registered, store, artifact) if is_mlflow_uri(artifact) else \
+            functools.partial(push, store, Path(artifact))
+        result = run(fleet=fleet_id, key=key, devices=_split(devices), group=group_name,
                       waves=waves, health_window=health_window, min_requests=min_requests, abort_on=abort_on,
                       wave_timeout=wave_timeout, latency_budget=latency_budget, block_size=block_size, url=url,
                       delta_bases=delta_base, delta=not no_delta)

@@ -82,6 +82,26 @@ def resolve_targets(store: Store, fleet: str, devices: Optional[Sequence[str]], 
     return known
 
 
+def push_registered(store: Store, uri: str, **options) -> dict:
+    """``push`` of an artifact registered in MLflow (``models:/NAME/VERSION`` or ``@ALIAS``); the
+    registered version is then tagged with the fleet and the rollout (``edgeml.fleet.F``)."""
+    import tempfile
+
+    from edgeml.tracking import TrackingError
+    from edgeml.tracking.registry import fetch_artifact, record_rollout
+
+    with tempfile.TemporaryDirectory(prefix="edgeml-push-") as tmp:
+        path, info = fetch_artifact(uri, Path(tmp))
+        result = push(store, path, **options)  # the store keeps its own copy of the bytes
+    result["mlflow"] = info
+    try:
+        record_rollout(info, result["fleet"], result["rollout"])
+    except TrackingError as exc:
+        log.warning("%s", exc)
+        info["tag_error"] = str(exc)
+    return result
+
+
 def push(store: Store, artifact_path, *, fleet: str, key, devices: Optional[Sequence[str]] = None,
          group: Optional[str] = None, waves: str = "1,10%,50%,100%", health_window="5m", min_requests: int = 0,
          abort_on: str = uc.DEFAULT_RULES, wave_timeout=None, latency_budget: float = 5.0,

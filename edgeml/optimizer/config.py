@@ -4,9 +4,10 @@ from __future__ import annotations
 import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Dict, Optional
+from typing import Dict, Optional, Union
 
 from edgeml.core.errors import UsageError
+from edgeml.tracking import is_mlflow_uri
 
 from .backends import BACKENDS, RECIPES
 from .recipe import Recipe, build_recipe, read_recipe_file
@@ -17,7 +18,7 @@ NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
 @dataclass
 class OptimizeConfig:
-    model: Path
+    model: Union[Path, str]  # a file or folder, or an MLflow URI (models:/name/version, models:/name@alias, runs:/...)
     output: Path
     key: Optional[Path] = None
     recipe: Optional[str] = None  # default: the recipe file's [quantize] recipe, else "auto"
@@ -50,10 +51,14 @@ class OptimizeConfig:
     learning_rate: Optional[float] = None
     patience: Optional[int] = None
     tuner: Optional[str] = None
+    # MLflow (edgeml.tracking): record the run; experiment or register imply it
+    mlflow: bool = False
+    experiment: Optional[str] = None
+    register: Optional[str] = None
     plan: Optional[Recipe] = field(default=None, repr=False)  # the merged recipe, set by check()
 
     def __post_init__(self):
-        self.model = Path(self.model)
+        self.model = str(self.model) if is_mlflow_uri(self.model) else Path(self.model)
         self.output = Path(self.output)
         self.key = Path(self.key) if self.key else None
 
@@ -68,6 +73,8 @@ class OptimizeConfig:
                       "layers": dict(self.layer_sparsity) or None},
             "quantize": {"recipe": self.recipe, "format": self.format, "tuner": self.tuner,
                          "max_accuracy_drop": self.max_accuracy_drop},
+            "mlflow": {"enabled": True if (self.mlflow or self.experiment or self.register) else None,
+                       "experiment": self.experiment, "register": self.register},
         }
         return {name: {k: v for k, v in values.items() if v is not None} for name, values in groups.items()}
 
@@ -77,6 +84,14 @@ class OptimizeConfig:
         self.plan = build_recipe(tables, self._flags(), str(self.recipe_file) if self.recipe_file else None)
         q = self.plan.quantize
         self.recipe, self.format, self.tuner, self.max_accuracy_drop = q.recipe, q.format, q.tuner, q.max_accuracy_drop
+        t = self.plan.mlflow
+        self.mlflow, self.experiment, self.register = t is not None, t and t.experiment, t and t.register
+        if self.mlflow or self.is_mlflow_source:
+            from edgeml.tracking.client import tracking_uri
+
+            tracking_uri()  # set, before any work
+        if self.register is not None and not self.register.strip():
+            raise UsageError("--register needs a registered model name, such as digits-edge")
         if self.plan.trains and not self.train:
             raise UsageError(f"{' and '.join(self.plan.stages()[:-1])} train the model: pass --train data "
                              "(a .npz with the inputs and labels 'y')")
@@ -110,10 +125,19 @@ class OptimizeConfig:
         return self
 
     @property
+    def is_mlflow_source(self) -> bool:
+        return isinstance(self.model, str)
+
+    @property
     def artifact_name(self) -> str:
         if self.name:
             return self.name
-        stem = re.sub(r"[^A-Za-z0-9._-]", "-", self.model.stem if self.model.suffix else self.model.name)
+        if self.is_mlflow_source:  # models:/digits@champion -> digits; runs:/id/model.keras -> model
+            last = re.split(r"[/@]", self.model.split(":/", 1)[1].strip("/"))
+            model = Path(last[0] if self.model.startswith("models:/") else last[-1])
+        else:
+            model = self.model
+        stem = re.sub(r"[^A-Za-z0-9._-]", "-", model.stem if model.suffix else model.name)
         return stem.lstrip(".-_")[:64] or "model"
 
     def to_dict(self) -> dict:

@@ -82,6 +82,8 @@ class OptimizeResult:
     plot: Optional[Path] = None
     stages: list = field(default_factory=list)  # stages.StageResult, when the recipe trains
     artifact_bytes: int = 0  # the file as shipped (zstd)
+    mlflow: Optional[dict] = None  # what was recorded in MLflow (run id, registered version)
+    tracking_error: Optional[str] = None
 
     @property
     def baseline(self) -> Optional[Measured]:
@@ -97,7 +99,7 @@ class OptimizeResult:
     def to_dict(self) -> dict:
         base = self.baseline
         return {
-            "ok": self.goal_met,
+            "ok": self.goal_met and self.tracking_error is None,
             "artifact": str(self.artifact),
             "plot": str(self.plot) if self.plot else None,
             "name": self.manifest["name"],
@@ -109,6 +111,8 @@ class OptimizeResult:
             "float_accuracy": self.float_accuracy,
             "stages": [s.to_dict(base) for s in self.stages],
             "candidates": [m.to_dict(base) for m in self.candidates],
+            **({"mlflow": self.mlflow} if self.mlflow is not None else {}),
+            **({"tracking_error": self.tracking_error} if self.tracking_error else {}),
         }
 
 
@@ -129,7 +133,14 @@ def optimize(config: OptimizeConfig, on_step: Callable[[str], None] = lambda s: 
     preprocessing = _read_json(config.preprocessing, "--preprocessing")
 
     on_step("loading model")
-    source = user_source = load_source(config.model)
+    workdir = tempfile.TemporaryDirectory(prefix="edgeml-stages-")
+    source_lineage = None
+    model_path = config.model
+    if config.is_mlflow_source:
+        from edgeml.tracking.sources import resolve_model
+
+        model_path, source_lineage = resolve_model(config.model, Path(workdir.name) / "mlflow-source")
+    source = user_source = load_source(model_path)
     fmt = config.format or source.default_format
     _check_plan(config, source, fmt)
     backend = get_backend(fmt)
@@ -154,8 +165,9 @@ def optimize(config: OptimizeConfig, on_step: Callable[[str], None] = lambda s: 
         float_acc = accuracy(np.asarray(reference[source.outputs[0].name]), eval_ds.labels)
     options = BuildOptions(seed=config.seed, min_agreement=max(0.99, 1.0 - config.max_accuracy_drop))
 
+    run = _start_run(config, source_lineage, user_source, eval_ds, calib_ds, train_ds)
+
     stage_results, original = [], None
-    workdir = tempfile.TemporaryDirectory(prefix="edgeml-stages-")
     if plan.trains:
         from . import stages
 
@@ -219,17 +231,78 @@ def optimize(config: OptimizeConfig, on_step: Callable[[str], None] = lambda s: 
         frontier=[_label(m, stage_results) for m in frontier(everything)], stages=stage_results,
         train_ds=train_ds,
     )
+    if source_lineage is not None:  # where the model came from, without the server's address
+        manifest["lineage"]["source"]["mlflow"] = {k: v for k, v in source_lineage.items() if k != "tracking_uri"}
     artifact = write_artifact(config.output, model=chosen.candidate.model, model_format=fmt, manifest=manifest,
                               selftest_inputs=st_in, selftest_outputs=st_out, baseline=baseline,
                               private_key=private_key)
-    workdir.cleanup()
     result = OptimizeResult(config.output, chosen, measured, goal_met, config.max_accuracy_drop,
                             float_acc, manifest, stages=stage_results, artifact_bytes=artifact.size)
     if config.plot:
         result.plot = plot_candidates(result, config.output.with_suffix(".candidates.png"))
+    if run is not None:
+        on_step("recording the run in MLflow")
+        _finish_run(run, result, config, Path(workdir.name))
+    workdir.cleanup()
     if not goal_met:
+        if result.tracking_error:
+            log.error("%s", result.tracking_error)
         raise AccuracyGoalNotMet(_goal_message(result, config), result)
+    if result.tracking_error:
+        from edgeml.tracking import TrackingError
+
+        raise TrackingError(result.tracking_error, result)
     return result
+
+
+def _run_params(config: OptimizeConfig, lineage, source: SourceModel, eval_ds, calib_ds, train_ds) -> dict:
+    data = {"eval": eval_ds, "calibration": calib_ds, "train": train_ds}
+    return {
+        "source": config.model if lineage else str(source.path), "source_sha256": source.sha256,
+        "source_kind": source.kind, "recipe": config.recipe, "format": config.format or source.default_format,
+        "max_accuracy_drop": config.max_accuracy_drop, "seed": config.seed, "name": config.artifact_name,
+        "version": config.version, "tuner": config.tuner or "", "plan": config.plan.to_dict(),
+        **{f"data.{k}": ds.provenance for k, ds in data.items() if ds is not None},
+        **({"source_version": lineage["version"]} if lineage and lineage.get("version") else {}),
+    }
+
+
+def _start_run(config: OptimizeConfig, lineage, source: SourceModel, eval_ds, calib_ds, train_ds):
+    """The MLflow run, opened with its parameters before the build (None without --mlflow)."""
+    if not config.mlflow:
+        return None
+    from edgeml.tracking.runs import OptimizeRun
+
+    run = OptimizeRun(config.experiment, config.register, parent_run_id=(lineage or {}).get("run_id"))
+    run.params = _run_params(config, lineage, source, eval_ds, calib_ds, train_ds)
+    run.name = f"edgeml {config.artifact_name} v{config.version}"
+    run.start(run.params, run.name)
+    return run
+
+
+def _finish_run(run, result: OptimizeResult, config: OptimizeConfig, workdir: Path) -> None:
+    """Metrics, tags, the artifact, the plot and the report in MLflow; a failure is kept on the
+    result (the artifact is written either way)."""
+    from rich.console import Console
+
+    from edgeml.tracking import TrackingError
+
+    from .report import candidates_table, stages_table
+
+    report = workdir / "optimize.json"
+    report.write_text(json.dumps(result.to_dict(), indent=2, default=str) + "\n", encoding="utf-8")
+    text = workdir / "candidates.txt"
+    with text.open("w", encoding="utf-8") as f:
+        console = Console(file=f, width=160, color_system=None)
+        if result.stages:
+            console.print(stages_table(result))
+        console.print(candidates_table(result))
+    files = [report, text] + ([result.plot] if result.plot else [])
+    try:
+        result.mlflow = run.finish(result.to_dict(), config.output, files, run.params, run.name, result.goal_met)
+    except TrackingError as exc:
+        result.tracking_error = str(exc)
+        result.mlflow = {"tracking_uri": run.uri, "run_id": run.run_id}
 
 
 def _check_plan(config: OptimizeConfig, source: SourceModel, fmt: str) -> None:

@@ -15,6 +15,9 @@ A recipe file has up to four tables; every key is optional and unknown keys are 
     [quantize]
     recipe = "auto"    format = "tflite"    tuner = "inc"    max_accuracy_drop = 0.01
 
+    [mlflow]       # record the run in MLflow at MLFLOW_TRACKING_URI, as --mlflow does
+    enabled = true    experiment = "edge-builds"    register = "digits-edge"
+
 Flags given on the command line override the file. Each stage has its own accuracy gate, measured
 against the stage's input model (the teacher for distill, the distilled or original model for
 prune, the pruned model for quantize).
@@ -76,10 +79,18 @@ class QuantizeStage:
 
 
 @dataclass
+class Tracking:
+    enabled: bool = True
+    experiment: Optional[str] = None
+    register: Optional[str] = None
+
+
+@dataclass
 class Recipe:
     distill: Optional[DistillStage] = None
     prune: Optional[PruneStage] = None
     quantize: QuantizeStage = field(default_factory=QuantizeStage)
+    mlflow: Optional[Tracking] = None
     source: Optional[str] = None  # the recipe file, if any
 
     @property
@@ -94,10 +105,11 @@ class Recipe:
             return None if stage is None else {f.name: getattr(stage, f.name) for f in fields(stage)}
 
         return {"file": self.source, "distill": plain(self.distill), "prune": plain(self.prune),
-                "quantize": plain(self.quantize)}
+                "quantize": plain(self.quantize), "mlflow": plain(self.mlflow)}
 
 
-TABLES = {"train": Training, "distill": DistillStage, "prune": PruneStage, "quantize": QuantizeStage}
+TABLES = {"train": Training, "distill": DistillStage, "prune": PruneStage, "quantize": QuantizeStage,
+          "mlflow": Tracking}
 
 
 def read_recipe_file(path) -> Dict[str, dict]:
@@ -142,6 +154,9 @@ def build_recipe(file_tables: Optional[Dict[str, dict]], flags: Dict[str, dict],
         return {**file_tables.get(name, {}), **flags.get(name, {})}
 
     recipe = Recipe(quantize=QuantizeStage(**given("quantize")), source=source)
+    tracking = given("mlflow")
+    if tracking.get("enabled", bool(tracking)):
+        recipe.mlflow = Tracking(**{**tracking, "enabled": True})
     distill, prune = given("distill"), given("prune")
     if distill.get("student") is not None or distill.get("student_width") is not None:
         values = merged("distill")
@@ -211,7 +226,7 @@ def _check_drop(name: str, value: float) -> None:
         raise UsageError(f"{name} must be in [0, 1) (0.01 is one point), got {value}")
 
 
-_TYPES = {int: "a whole number", float: "a number", str: "a string"}
+_TYPES = {int: "a whole number", float: "a number", str: "a string", bool: "true or false"}
 
 
 def _check_value(path: Path, table: str, key: str, value) -> None:
@@ -224,13 +239,18 @@ def _check_value(path: Path, table: str, key: str, value) -> None:
             raise UsageError(f"recipe file {path}: [{table}] layers must be a table of layer = sparsity")
         return
     want = _field_type(allowed[key])
-    ok = _is_number(value) if want is float else isinstance(value, want) and not isinstance(value, bool)
+    if want is bool:
+        ok = isinstance(value, bool)
+    else:
+        ok = _is_number(value) if want is float else isinstance(value, want) and not isinstance(value, bool)
     if not ok:
         raise UsageError(f"recipe file {path}: [{table}] {key} must be {_TYPES[want]}, got {value!r}")
 
 
 def _field_type(f) -> type:
     text = str(f.type)
+    if "bool" in text:
+        return bool
     return int if "int" in text else float if "float" in text else str
 
 

@@ -57,7 +57,7 @@ def load_onnx(path) -> OnnxSource:
         raise InputError(f"{path} is not an ONNX model (it does not parse as one); export the model to .onnx") from exc
     if not model.graph.node and not model.graph.output:
         raise InputError(f"{path} is not an ONNX model (it holds no graph); export the model to .onnx")
-    _check_external_data(model, path)
+    data = _inline_external_data(model, path, data)
     _check_ops(model, path)
     from edgeml.core.runtime import load_runner
 
@@ -66,17 +66,28 @@ def load_onnx(path) -> OnnxSource:
     return OnnxSource(path, data, runner)
 
 
-def _check_external_data(model, path: Path) -> None:
-    from onnx.external_data_helper import uses_external_data
+def _inline_external_data(model, path: Path, data: bytes) -> bytes:
+    """Weights kept beside the .onnx (torch's exporter and MLflow's onnx flavor do this even for
+    small models) read into the model, which must then fit ONNX's 2 GB protobuf limit."""
+    from onnx.external_data_helper import load_external_data_for_model, uses_external_data
 
-    for tensor in model.graph.initializer:
-        if uses_external_data(tensor):
-            location = next((e.value for e in tensor.external_data if e.key == "location"), "?")
-            state = "which is missing" if not (path.parent / location).is_file() else "which edgeml does not read"
-            raise UnsupportedModelError(
-                f"{path} keeps weights in the external data file {location} ({state}); models over 2 GB "
-                "are out of scope: edgeml reads single-file ONNX models, so re-export without external data"
-            )
+    external = [t for g in _graphs(model.graph) for t in g.initializer if uses_external_data(t)]
+    if not external:
+        return data
+    folder = path.parent.resolve()
+    for tensor in external:
+        location = next((e.value for e in tensor.external_data if e.key == "location"), "")
+        target = (folder / location).resolve()
+        if not location or folder not in target.parents:
+            raise InputError(f"{path} names external weights at {location!r}, outside its folder; re-export the model")
+        if not target.is_file():
+            raise InputError(f"{path} keeps weights in {location}, which is missing; keep it beside {path.name}")
+    load_external_data_for_model(model, str(folder))
+    if model.ByteSize() >= 2**31:
+        raise UnsupportedModelError(f"{path} with its external weights is over 2 GB, which one ONNX file cannot hold; "
+                                    "models that large are out of scope")
+    log.info("%s: read %d tensors from external data into the model", path.name, len(external))
+    return model.SerializeToString()
 
 
 def _check_ops(model, path: Path) -> None:
