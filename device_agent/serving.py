@@ -41,11 +41,32 @@ WARMUP_RUNS = 3  # after the self-test: first runs allocate arenas and pack weig
 MAX_INPUT_BYTES = 64 << 20
 
 
+RUNTIME_REFUSAL = 422  # valid inputs the model itself could not run on: the client hears 4xx, health counts it
+
+
+def runtime_refusal(text: str, feed: Dict[str, np.ndarray]) -> str:
+    """What to tell a client whose inputs passed validation but not the model: which inputs, and
+    the likely cause, without the runtime's internals."""
+    low = text.lower()
+    shapes = ", ".join(f"'{k}' {list(v.shape)}" for k, v in feed.items())
+    ints = [k for k, v in feed.items() if v.dtype.kind in "iu"]
+    if ints and any(w in low for w in ("out of data bounds", "out of range", "out of bounds", "indices", "index")):
+        names = ", ".join(f"'{k}'" for k in ints)
+        return (f"the model could not run on these inputs: a value of {names} is out of the range the model "
+                "indexes (say, a token id beyond the vocabulary); send values the model knows")
+    if any(w in low for w in ("broadcast", "dimension", "shape", "mismatch")):
+        return (f"the model could not run on these inputs: their shapes do not fit together ({shapes}); "
+                "send inputs whose shared axes (say, the sequence length) agree")
+    return f"the model could not run on these inputs ({shapes}); check their values and shapes"
+
+
 class RequestError(Exception):
     """A request the service will not run: ``status`` is the HTTP status the API answers with.
 
     400 bad input (names, dtypes, shapes, values), 404 unknown model or version, 413 too large,
-    500 the runtime failed on an input that passed validation.
+    422 inputs that passed validation but that the model could not run on (a token id beyond its
+    vocabulary, sequence lengths that do not agree): the client's to fix, and an error of the model
+    for its health window (the model it replaced may have taken them).
     """
 
     def __init__(self, status: int, message: str):
@@ -120,7 +141,10 @@ class ModelService:
                 result = self._runner.run(feed)
                 self._local.run_ms = (time.perf_counter() - started) * 1000.0
         except Exception as exc:  # LiteRT and ONNX Runtime raise their own untyped errors
-            raise RequestError(500, f"the runtime failed on this request: {first_line(exc)}") from exc
+            # the model passed its self-test when loaded, so what fails now is these inputs' values
+            # or shapes; the runtime's own text (node names, source paths) stays in the device's log
+            log.warning("%s v%s refused a request: %s", self.name, self.version, first_line(exc, 500))
+            raise RequestError(RUNTIME_REFUSAL, runtime_refusal(str(exc), feed)) from exc
         return {name: result[name] for name in names}
 
     # -- loading ----------------------------------------------------------------------------------

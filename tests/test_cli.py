@@ -102,6 +102,13 @@ def _bad(tmp_path, digits_dir, name, **arrays):
     ("no output folder", 2, "does not exist"),
     ("int8 without calibration", 2, "needs --calibration"),
     ("labels that do not fit", 2, "--labels has 9 labels but .* has 10 classes"),
+    ("string labels", 4, "labels 'y' are <U1 values, not class indices"),
+    ("labels out of range", 4, "labels 'y' range over 0..12 but the model has 10 classes"),
+    ("NaN in eval", 4, "eval array 'image' holds NaN at sample 1 "),
+    ("infinity in calibration", 4, "calibration array 'image' holds infinity at sample 0 "),
+    ("raw uint8 pixels", 4, "'image' is uint8 .*x / 255"),
+    ("empty eval", 4, "eval data .* has no samples"),
+    ("version too big", 2, "--version must be a whole number from 1 to 2\\*\\*53"),
 ])
 def test_bad_input_one_line_exit_code_nothing_written(case, code, message, digits_dir, tmp_path, capsys):
     d = digits_dir
@@ -129,6 +136,27 @@ def test_bad_input_one_line_exit_code_nothing_written(case, code, message, digit
     elif case == "int8 without calibration":
         i = idx["--calibration"]
         del args[i:i + 2]
+    elif case in ("string labels", "labels out of range", "NaN in eval", "raw uint8 pixels", "empty eval"):
+        with np.load(d / "eval.npz") as data:
+            x, y = data["image"][:20].copy(), data["y"][:20].copy()
+        if case == "string labels":
+            y = np.array([str(v) for v in y])
+        elif case == "labels out of range":
+            y[3] = 12
+        elif case == "NaN in eval":
+            x[1, 4, 4, 0] = np.nan
+        elif case == "raw uint8 pixels":
+            x = (x * 255).astype(np.uint8)
+        else:
+            x, y = x[:0], y[:0]
+        args[idx["--eval"] + 1] = _bad(tmp_path, d, "e.npz", image=x, y=y)
+    elif case == "infinity in calibration":
+        with np.load(d / "calib.npz") as data:
+            x = data["image"][:20].copy()
+        x[0, 0, 0, 0] = np.inf
+        args[idx["--calibration"] + 1] = _bad(tmp_path, d, "c.npz", image=x)
+    elif case == "version too big":
+        args += ["--version", "99999999999999999999"]
     elif case == "labels that do not fit":
         (tmp_path / "labels.txt").write_text("".join(f"{n}\n" for n in range(9)))
         args += ["--labels", tmp_path / "labels.txt"]
@@ -140,6 +168,23 @@ def test_bad_input_one_line_exit_code_nothing_written(case, code, message, digit
     assert re.search(message, lines[-1]), err
     assert not out.exists()
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".") or "edgeml" in p.name] == []
+
+
+def test_read_only_output_folder_is_refused_before_any_work(digits_dir, tmp_path, capsys):
+    """As root (as here) permission bits do not stop a write; a read-only mount does."""
+    folder = tmp_path / "ro"
+    folder.mkdir()
+    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(folder)], capture_output=True,
+                          text=True)
+    if proc.returncode != 0:
+        pytest.skip(f"cannot mount a read-only tmpfs here ({proc.stderr.strip()}); needs root")
+    try:
+        assert main([str(a) for a in _optimize_args(digits_dir, folder / "out.edgeml", "--recipe", "int8")]) == 3
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert lines[-1].startswith(f"error: cannot write to the output folder {folder}: Read-only file system")
+        assert not any(line.startswith("... loading") for line in lines)  # refused before loading anything
+    finally:
+        subprocess.run(["umount", str(folder)], check=False)
 
 
 def test_json_error_object_and_usage_exit_code(tmp_path):

@@ -71,3 +71,31 @@ def test_baseline_stats_per_channel_and_per_feature():
     assert stats["inputs"]["seq"]["axis"] is None and stats["inputs"]["seq"]["channels"][0]["count"] == 50000
     nchw = baseline_stats({"x": rng.random((10, 3, 16, 16))})["inputs"]["x"]
     assert nchw["axis"] == 0 and len(nchw["channels"]) == 3
+
+
+def test_a_candidate_no_smaller_and_no_faster_than_fp32_is_never_kept():
+    """An int8 build that left every node in float (1.000x the bytes, same speed) is not a win."""
+    fp32 = _m("fp32", 400, 1.0, 0)
+    same_int8, same_dyn = _m("int8", 398, 1.0, 0.0), _m("dynamic", 400, 0.97, 0.0)
+    assert choose([same_int8, same_dyn], 0.01, baseline=fp32) == (fp32, True)
+    smaller = _m("float16", 200, 1.0, 0.0)
+    assert choose([same_int8, smaller], 0.01, baseline=fp32)[0] is smaller
+    faster = _m("int8", 400, 0.5, 0.0)
+    assert choose([same_dyn, faster], 0.01, baseline=fp32)[0] is faster
+
+
+def test_cosine_is_robust_near_zero():
+    """A rebuild that differs by float rounding is never a drop, even when the output is all but
+    zero (a detector's map of an image with nothing to detect); a real difference still is."""
+    rng = np.random.default_rng(0)
+    tiny = rng.random((8, 1, 8, 8)) * 1e-6  # probability maps [N, 1, H, W]
+    rebuilt = tiny + rng.standard_normal((8, 1, 8, 8)) * 1e-7
+    q = compare({"map": tiny}, {"map": rebuilt}, None)
+    assert q.drop_kind == "cosine" and q.drop == 0.0
+    maps = rng.random((8, 1, 8, 8))
+    maps[0] = 1e-9  # one sample with nothing in it, among ordinary ones
+    near = maps.copy()
+    near[0] += 1e-4
+    assert compare({"map": maps}, {"map": near}, None).drop < 1e-3
+    assert compare({"map": maps}, {"map": -maps}, None).drop > 0.9  # a real difference still counts
+    np.testing.assert_equal(compare({"map": maps}, {"map": maps}, None).drop, 0.0)

@@ -115,3 +115,101 @@ def test_external_data_beside_the_file_is_read_in(tmp_path):
     path.write_bytes(model.SerializeToString())
     with pytest.raises(InputError, match="outside its folder"):
         load_onnx(path)
+
+
+def test_doc_strings_and_metadata_do_not_ship(tmp_path, keys):
+    """torch's dynamo exporter writes a stack trace with the build machine's paths into every
+    node's metadata; none of it reaches the artifact, the names do, and lineage keeps the file's hash."""
+    import hashlib
+
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    secret = "/home/builder/secret-project/train.py"
+    w = np.random.default_rng(0).standard_normal((16, 4)).astype(np.float32)
+    node = helper.make_node("MatMul", ["x", "w"], ["y"], name="/head/MatMul", doc_string=f"File {secret}, line 7")
+    node.metadata_props.add(key="pkg.torch.onnx.stack_trace", value=f"File {secret}, line 7, in forward")
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 16])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 4])],
+                              [numpy_helper.from_array(w, "w")], doc_string=secret)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], doc_string=secret)
+    helper.set_model_props(model, {"exported_from": secret})
+    path = tmp_path / "m.onnx"
+    onnx.save(model, str(path))
+    np.savez(tmp_path / "e.npz", x=np.random.default_rng(1).standard_normal((20, 16)).astype(np.float32))
+    result = edgeml.optimize(edgeml.OptimizeConfig(model=path, output=tmp_path / "m.edgeml", key=keys / "signing.key",
+                                                   eval=str(tmp_path / "e.npz"), recipe="fp32", latency_runs=3,
+                                                   plot=False))
+    art = verify_artifact(result.artifact, keys / "signing.pub")
+    assert secret.encode() not in art.model and b"secret-project" not in art.model
+    shipped = onnx.load_model_from_string(art.model)
+    assert [n.op_type for n in shipped.graph.node] == ["MatMul"]
+    assert [i.name for i in shipped.graph.input] == ["x"] and [o.name for o in shipped.graph.output] == ["y"]
+    assert art.manifest["lineage"]["source"]["sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_auto_keeps_fp32_when_quantizing_changes_nothing(tmp_path, keys):
+    """A model without weights: float16, dynamic and int8 are the same bytes at the same speed, so
+    auto keeps fp32 and says so, instead of reporting a quantized model that is not one."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph([helper.make_node("Add", ["x", "x"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 16])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 16])])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(tmp_path / "add.onnx"))
+    np.savez(tmp_path / "d.npz", x=np.random.default_rng(0).standard_normal((40, 16)).astype(np.float32))
+    result = edgeml.optimize(edgeml.OptimizeConfig(
+        model=tmp_path / "add.onnx", output=tmp_path / "add.edgeml", key=keys / "signing.key",
+        eval=str(tmp_path / "d.npz"), calibration=str(tmp_path / "d.npz"), latency_runs=5, plot=False))
+    assert result.chosen.recipe == "fp32" and result.goal_met
+    assert "kept by auto" in " ".join(result.chosen.notes)
+
+
+def test_a_reference_that_predicts_one_class_everywhere_is_flagged(tmp_path, keys, caplog):
+    """Eval data the model was not made for (say, unscaled): every sample gets the same class."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    bias = numpy_helper.from_array(np.array([5.0, 0.0, 0.0], np.float32), "b")
+    w = numpy_helper.from_array(np.zeros((4, 3), np.float32) + 1e-3, "w")
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["m"]), helper.make_node("Add", ["m", "b"], ["l"]),
+                               helper.make_node("Softmax", ["l"], ["probs"], axis=-1)], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 4])],
+                              [helper.make_tensor_value_info("probs", TensorProto.FLOAT, ["n", 3])], [w, bias])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(tmp_path / "c.onnx"))
+    np.savez(tmp_path / "d.npz", x=np.random.default_rng(0).standard_normal((30, 4)).astype(np.float32))
+    with caplog.at_level("WARNING"):
+        edgeml.optimize(edgeml.OptimizeConfig(model=tmp_path / "c.onnx", output=tmp_path / "c.edgeml", recipe="fp32",
+                                              key=keys / "signing.key", eval=str(tmp_path / "d.npz"), latency_runs=3,
+                                              plot=False))
+    assert any("predicts class 0 for every eval sample" in r.getMessage() for r in caplog.records)
+
+
+def test_torch_dynamo_export_as_a_user_makes_it(tmp_path, keys):
+    """torch 2.13's default exporter writes m.onnx + m.onnx.data even for a small model, with a
+    stack trace of the build machine in every node: it is read, and none of that ships."""
+    torch = pytest.importorskip("torch")
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = torch.nn.Linear(64, 256), torch.nn.Linear(256, 10)
+
+        def forward(self, x):
+            return torch.softmax(self.b(torch.relu(self.a(x))), -1)
+
+    torch.manual_seed(0)
+    path = tmp_path / "m.onnx"
+    torch.onnx.export(Net().eval(), (torch.randn(4, 64),), str(path), dynamic_shapes={"x": {0: "batch"}})
+    assert (tmp_path / "m.onnx.data").is_file()  # what the issue saw: external data for a 78 KB model
+    assert b"stack_trace" in path.read_bytes()
+    x = np.random.default_rng(0).standard_normal((64, 64)).astype(np.float32)
+    np.savez(tmp_path / "d.npz", x=x)
+    result = edgeml.optimize(edgeml.OptimizeConfig(model=path, output=tmp_path / "m.edgeml", key=keys / "signing.key",
+                                                   eval=str(tmp_path / "d.npz"), calibration=str(tmp_path / "d.npz"),
+                                                   recipe="int8", latency_runs=5, plot=False))
+    art = verify_artifact(result.artifact, keys / "signing.pub")
+    assert result.goal_met and art.manifest["lineage"]["source"]["kind"] == "onnx"
+    for leak in (b"stack_trace", str(tmp_path).encode(), b"test_optimize_onnx.py", b"site-packages"):
+        assert leak not in art.model, leak

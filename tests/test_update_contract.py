@@ -144,3 +144,16 @@ def test_controller_counts_a_device_on_the_target_only_when_it_is_idle():
     assert c._observed(r, a, {"content_sha256": "new", "update": {"state": "idle"}})[0] == "committed"
     ours = {"content_sha256": "new", "update": {"state": "observing", "rollout": "r1"}}
     assert c._observed(r, a, ours)[0] == "observing"
+
+
+def test_health_counts_what_the_model_failed_on_not_what_the_client_got_wrong():
+    """5xx and 422 (valid inputs the model could not run on) are the model's errors; other 4xx are not."""
+    from device_agent.updates import HealthMonitor
+
+    h = HealthMonitor()
+    h.version = 2
+    for status in (400, 404, 413, 422, 500):
+        h.error("m", status, "x", 1.0)
+    h.inference("m", 2, 1.0, {}, {"out": np.zeros((1, 3), np.float32)}, run_ms=0.5)
+    f = h.figures(2)
+    assert f["requests"] == 3 and f["errors"] == 2

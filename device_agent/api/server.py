@@ -11,7 +11,8 @@ Endpoints: GET /v2/health/live, /v2/health/ready, /v2, /v2/models/{name}[/versio
 Errors are ``{"error": "..."}`` with Triton's statuses: 404 unknown model, version or path,
 400 anything wrong in a request (unknown tensor names included), 405 wrong method, 411 no
 Content-Length, 413 body over ``max_body_bytes`` (judged from Content-Length, before reading),
-415 unknown Content-Encoding, 500 runtime failure. Each one is reported to the TelemetrySink and
+415 unknown Content-Encoding, 422 inputs the model could not run on (valid, but say a token id
+beyond its vocabulary; the runtime's own text stays in the device log), 500 a bug. Each one is reported to the TelemetrySink and
 counted; ``edgeml_requests_total`` and the latency histogram cover inference requests and refused
 requests (successful probes, metadata reads and scrapes are not counted: they would drown the
 signal).

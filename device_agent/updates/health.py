@@ -22,6 +22,8 @@ import numpy as np
 from edgeml.core.stats import js_distance
 from edgeml.core.update_contract import LATENCY_MIN_REQUESTS
 
+from ..serving import RUNTIME_REFUSAL
+
 log = logging.getLogger("edgeml-agent.updates")
 KEEP = 20_000  # requests remembered: enough for a window and a reference at a few hundred requests/s
 
@@ -48,7 +50,7 @@ class HealthMonitor:
                                    False, nan, top1))
 
     def error(self, model, status, message, latency_ms) -> None:
-        if int(status) < 500 or model is None:
+        if (int(status) < 500 and int(status) != RUNTIME_REFUSAL) or model is None:
             return  # the client's mistake, or a request for another model: not the model's health
         with self._lock:
             self._requests.append((time.monotonic(), self.version, float(latency_ms), True, False, None))

@@ -94,6 +94,8 @@ def load_data(spec: str, *, limit: Optional[int] = None, seed: int = 0, role: st
         raise InputError(
             f"{role} file not found: {spec}; pass a .npz file or module:function"
         )
+    if len(dataset) == 0:
+        raise DataError(f"{role} data {spec} has no samples; give at least one")
     return _sample(dataset, limit, seed)
 
 
@@ -188,7 +190,8 @@ def match_inputs(dataset: Dataset, specs: Sequence[TensorSpec], role: str = "dat
     """Check names, shapes and dtypes against the model's inputs; return data keyed by input name.
 
     A single-input model also takes an array named ``x``. Integer data fed to a float input and
-    float64 data fed to float32 are converted; anything else that differs is an error.
+    float64 data fed to float32 are converted, except uint8 (raw pixels need the model's own
+    scaling); NaN or infinity anywhere is refused; anything else that differs is an error.
     """
     arrays = dict(dataset.inputs)
     names = [s.name for s in specs]
@@ -206,7 +209,22 @@ def match_inputs(dataset: Dataset, specs: Sequence[TensorSpec], role: str = "dat
     out = {}
     for spec in specs:
         out[spec.name] = _conform(arrays[spec.name], spec, role, whole)
+        _check_finite(out[spec.name], f"{role} array '{spec.name}'")
+    if dataset.labels is not None:
+        _check_finite(dataset.labels, f"{role} labels 'y'")
     return Dataset(out, dataset.labels, dataset.provenance, whole)
+
+
+def _check_finite(x: np.ndarray, what: str) -> None:
+    """NaN or infinity in data poison every figure computed from it: name the first sample."""
+    if x.dtype.kind not in "fc" or not x.size:
+        return
+    bad = ~np.isfinite(x.reshape(len(x), -1) if x.ndim else x.reshape(1, 1)).all(axis=1)
+    if bad.any():
+        first, count = int(np.argmax(bad)), int(bad.sum())
+        value = "NaN" if np.isnan(x[first] if x.ndim else x).any() else "infinity"
+        raise DataError(f"{what} holds {value} at sample {first} ({count} of {len(bad)} samples hold NaN or "
+                        "infinity); clean or drop those samples")
 
 
 def _whole_samples(arrays: Dict[str, np.ndarray], specs: Sequence[TensorSpec], role: str) -> bool:
@@ -242,6 +260,12 @@ def _conform(x: np.ndarray, spec: TensorSpec, role: str, whole: bool = False) ->
     target = np.dtype(spec.dtype)
     if x.dtype == target:
         return x
+    if target.kind == "f" and x.dtype == np.uint8:
+        raise DataError(
+            f"{role} array '{spec.name}' is uint8 (raw pixels?) but the model takes {target}: casting would skip "
+            f"the scaling the model was trained with, so edgeml does not guess it; save the data as the model "
+            f"takes it, say (x / 255).astype('{target}'), or x.astype('{target}') if it was trained on 0..255"
+        )
     float_ok = target.kind == "f" and x.dtype.kind in "fiub"
     int_ok = target.kind in "iu" and x.dtype.kind in "iu" and np.can_cast(x.dtype, target, "same_kind")
     if float_ok or int_ok:

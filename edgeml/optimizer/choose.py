@@ -19,13 +19,30 @@ def cost(m) -> float:
     return size(m) * m.latency.median_ms
 
 
-def choose(measured: Sequence, max_drop: float) -> tuple:
+# what counts as smaller or faster than the float model: below these, a quantizer left the model
+# as it was (every node in float) or the difference is measurement noise
+SMALLER = 0.95
+FASTER = 0.90
+FASTER_MS = 0.01  # and by this much: a few microseconds on a tiny model are timer noise
+
+
+def pays(m, baseline) -> bool:
+    """Smaller or faster than ``baseline`` (the float model) by more than noise."""
+    base_ms, ms = baseline.latency.median_ms, m.latency.median_ms
+    return size(m) <= SMALLER * size(baseline) or (ms <= FASTER * base_ms and base_ms - ms >= FASTER_MS)
+
+
+def choose(measured: Sequence, max_drop: float, baseline=None) -> tuple:
     """Return ``(chosen, goal_met)``.
 
     ``measured`` items have ``.bytes``, ``.latency.median_ms`` and ``.quality.drop``. When no
     candidate meets the goal, the one with the smallest drop is returned (ties: smaller bytes).
+    With ``baseline`` (the fp32 candidate), a candidate neither smaller nor faster than it is
+    never chosen: when none within the goal pays, the baseline itself is.
     """
     passing = [m for m in measured if m.quality.drop <= max_drop + 1e-12]
+    if baseline is not None and passing:
+        passing = [m for m in passing if pays(m, baseline)] or [baseline]
     if not passing:
         best = min(measured, key=lambda m: (round(m.quality.drop, 6), size(m)))
         return best, False

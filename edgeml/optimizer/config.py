@@ -6,13 +6,14 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Dict, Optional, Union
 
-from edgeml.core.errors import UsageError
+from edgeml.core.errors import InputError, UsageError
 from edgeml.tracking import is_mlflow_uri
 
 from .backends import BACKENDS, RECIPES
 from .recipe import Recipe, build_recipe, read_recipe_file
 
 ALL_RECIPES = RECIPES + ("auto",)
+MAX_VERSION = 2**53  # versions travel in JSON (manifest, MQTT, the fleet database): beyond it they lose digits
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
 
@@ -109,8 +110,9 @@ class OptimizeConfig:
             raise UsageError("pass --eval data: every candidate is measured against the float model before it is kept")
         if self.recipe == "int8" and not self.calibration:
             raise UsageError("recipe int8 needs --calibration data (a .npz with one array per model input)")
-        if not isinstance(self.version, int) or self.version < 1:
-            raise UsageError(f"--version must be a whole number >= 1, got {self.version}")
+        if not isinstance(self.version, int) or not 1 <= self.version <= MAX_VERSION:
+            raise UsageError(f"--version must be a whole number from 1 to 2**53 (exact in every JSON reader), "
+                             f"got {self.version}")
         if self.name is not None and not NAME_RE.match(self.name):
             raise UsageError(f"--name {self.name!r} must be 1-64 letters, digits, '.', '_' or '-', starting with a letter or digit")
         for field_name in ("calibration_samples", "eval_samples", "latency_runs"):
@@ -122,6 +124,7 @@ class OptimizeConfig:
             raise UsageError(f"the output {self.output} is a directory; name a file such as {self.output / 'model.edgeml'}")
         if not self.output.parent.exists():
             raise UsageError(f"the output folder {self.output.parent} does not exist; create it first")
+        _check_writable(self.output.parent)
         return self
 
     @property
@@ -144,3 +147,16 @@ class OptimizeConfig:
         d = asdict(self)
         d["plan"] = self.plan.to_dict() if self.plan else None
         return {k: (str(v) if isinstance(v, Path) else v) for k, v in d.items() if k != "key"}
+
+
+def _check_writable(folder: Path) -> None:
+    """Write a probe file now rather than find out after minutes of building (permissions, a
+    read-only mount or a full disk; os.access does not see the last two, nor anything as root)."""
+    import tempfile
+
+    try:
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".edgeml-probe-"):
+            pass
+    except OSError as exc:
+        raise InputError(f"cannot write to the output folder {folder}: {exc.strerror or exc}; "
+                         "choose a folder you can write to") from exc

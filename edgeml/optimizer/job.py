@@ -17,7 +17,7 @@ from edgeml.core.runtime import load_runner
 from edgeml.core.specs import TensorSpec
 
 from .backends import BuildOptions, Candidate, get_backend
-from .choose import choose, frontier
+from .choose import choose, frontier, pays, size
 from .config import OptimizeConfig
 from .evaluate import Latency, Quality, accuracy, compare, measure_latency
 from .sources.base import SourceModel, load_source
@@ -160,6 +160,7 @@ def optimize(config: OptimizeConfig, on_step: Callable[[str], None] = lambda s: 
 
     on_step("running the float model")
     reference = run_dataset(source.reference, eval_ds)
+    _warn_if_degenerate(reference)
     float_acc = None
     if eval_ds.labels is not None:
         float_acc = accuracy(np.asarray(reference[source.outputs[0].name]), eval_ds.labels)
@@ -212,7 +213,15 @@ def optimize(config: OptimizeConfig, on_step: Callable[[str], None] = lambda s: 
     eligible = [m for m in built if m.recipe in wanted]  # fp32 is the baseline, not a choice of auto
     if not eligible:
         raise ConversionError(f"no candidate could be built for recipe {config.recipe}; see the notes above")
-    chosen, quantize_ok = choose(eligible, config.max_accuracy_drop)
+    fp32 = next(m for m in built if m.recipe == "fp32")
+    chosen, quantize_ok = choose(eligible, config.max_accuracy_drop, baseline=fp32 if config.recipe == "auto" else None)
+    if chosen is fp32:
+        log.warning("auto keeps fp32: no candidate within the goal is smaller or faster than it")
+        chosen.notes.append("kept by auto: no quantized candidate within the goal was smaller or faster")
+    elif not pays(chosen, fp32):
+        log.warning("%s is no smaller and no faster than fp32 (%.3fx the zstd bytes, %.2fx the latency): the "
+                    "quantizer left most of the model in float", chosen.recipe, size(chosen) / size(fp32),
+                    chosen.latency.median_ms / fp32.latency.median_ms)
     goal_met = quantize_ok and all(s.passed for s in stage_results)
 
     on_step("writing the artifact")
@@ -303,6 +312,19 @@ def _finish_run(run, result: OptimizeResult, config: OptimizeConfig, workdir: Pa
     except TrackingError as exc:
         result.tracking_error = str(exc)
         result.mlflow = {"tracking_uri": run.uri, "run_id": run.run_id}
+
+
+def _warn_if_degenerate(reference) -> None:
+    """A reference that predicts one class for every eval sample makes agreement meaningless."""
+    from .evaluate import is_classifier
+
+    for name, y in reference.items():
+        y = np.asarray(y)
+        if is_classifier(y) and len(y) > 1:
+            classes = np.unique(y.argmax(-1))
+            if len(classes) == 1:
+                log.warning("the float model predicts class %d for every eval sample on output '%s': comparisons "
+                            "against it say little; check the eval data and its preprocessing", int(classes[0]), name)
 
 
 def _check_plan(config: OptimizeConfig, source: SourceModel, fmt: str) -> None:

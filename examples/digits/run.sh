@@ -6,6 +6,7 @@
 set -euo pipefail
 BIN=${BIN:-.venv/bin}
 OUT=${OUT:-build/quickstart}
+export TF_CPP_MIN_LOG_LEVEL=${TF_CPP_MIN_LOG_LEVEL:-3}  # TensorFlow's C++ start-up lines (CUDA, oneDNN) are noise here
 
 "$BIN/python" examples/digits/train.py --out "$OUT"
 [ -f "$OUT/keys/signing.key" ] || "$BIN/edgeml" keys generate --out "$OUT/keys"

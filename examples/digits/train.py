@@ -54,6 +54,9 @@ def build_digits_cnn():
 
 def train_digits_cnn(epochs: int = 8, seed: int = 0):
     """Train the digits CNN; return ``(model, splits)`` with the splits of ``digits_splits(seed)``."""
+    from edgeml.optimizer.sources.tensorflow import import_tensorflow
+
+    import_tensorflow()  # without TensorFlow's C++ start-up lines (CUDA probing, oneDNN notes)
     import keras
 
     keras.utils.set_random_seed(seed)

@@ -8,7 +8,7 @@ from __future__ import annotations
 import hashlib
 import logging
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import numpy as np
 
@@ -27,9 +27,9 @@ class OnnxSource(SourceModel):
     kind = "onnx"
     default_format = "onnx"
 
-    def __init__(self, path: Path, model_bytes: bytes, runner):
+    def __init__(self, path: Path, model_bytes: bytes, runner, file_sha256: Optional[str] = None):
         self.path = path
-        self.sha256 = hashlib.sha256(model_bytes).hexdigest()
+        self.sha256 = file_sha256 or hashlib.sha256(model_bytes).hexdigest()  # the user's file, for lineage
         self.inputs: List[TensorSpec] = runner.inputs
         self.outputs: List[TensorSpec] = runner.outputs
         self._bytes = model_bytes
@@ -57,23 +57,27 @@ def load_onnx(path) -> OnnxSource:
         raise InputError(f"{path} is not an ONNX model (it does not parse as one); export the model to .onnx") from exc
     if not model.graph.node and not model.graph.output:
         raise InputError(f"{path} is not an ONNX model (it holds no graph); export the model to .onnx")
-    data = _inline_external_data(model, path, data)
+    file_sha256 = hashlib.sha256(data).hexdigest()
+    inlined = _inline_external_data(model, path)
+    stripped = _strip_metadata(model)
+    if inlined or stripped:
+        data = model.SerializeToString()
     _check_ops(model, path)
     from edgeml.core.runtime import load_runner
 
     runner = load_runner(data, "onnx", num_threads=1)
     log.debug("loaded %s: %d nodes, opsets %s", path, len(model.graph.node), _opsets(model))
-    return OnnxSource(path, data, runner)
+    return OnnxSource(path, data, runner, file_sha256)
 
 
-def _inline_external_data(model, path: Path, data: bytes) -> bytes:
+def _inline_external_data(model, path: Path) -> bool:
     """Weights kept beside the .onnx (torch's exporter and MLflow's onnx flavor do this even for
     small models) read into the model, which must then fit ONNX's 2 GB protobuf limit."""
     from onnx.external_data_helper import load_external_data_for_model, uses_external_data
 
     external = [t for g in _graphs(model.graph) for t in g.initializer if uses_external_data(t)]
     if not external:
-        return data
+        return False
     folder = path.parent.resolve()
     for tensor in external:
         location = next((e.value for e in tensor.external_data if e.key == "location"), "")
@@ -87,7 +91,29 @@ def _inline_external_data(model, path: Path, data: bytes) -> bytes:
         raise UnsupportedModelError(f"{path} with its external weights is over 2 GB, which one ONNX file cannot hold; "
                                     "models that large are out of scope")
     log.info("%s: read %d tensors from external data into the model", path.name, len(external))
-    return model.SerializeToString()
+    return True
+
+
+def _strip_metadata(model) -> int:
+    """Doc strings and metadata do not ship: exporters fill them with stack traces that name the
+    build machine's paths (torch's dynamo exporter, per node). Names stay. Bytes removed."""
+    before = model.ByteSize()
+    model.doc_string = ""
+    del model.metadata_props[:]
+    for graph in _graphs(model.graph):
+        graph.doc_string = ""
+        for item in [*graph.node, *graph.input, *graph.output, *graph.value_info, *graph.initializer]:
+            if hasattr(item, "doc_string"):
+                item.doc_string = ""
+            if hasattr(item, "metadata_props"):
+                del item.metadata_props[:]
+    for fn in model.functions:
+        fn.doc_string = ""
+        for node in fn.node:
+            node.doc_string = ""
+            if hasattr(node, "metadata_props"):
+                del node.metadata_props[:]
+    return before - model.ByteSize()
 
 
 def _check_ops(model, path: Path) -> None:
