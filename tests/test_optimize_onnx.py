@@ -213,3 +213,44 @@ def test_torch_dynamo_export_as_a_user_makes_it(tmp_path, keys):
     assert result.goal_met and art.manifest["lineage"]["source"]["kind"] == "onnx"
     for leak in (b"stack_trace", str(tmp_path).encode(), b"test_optimize_onnx.py", b"site-packages"):
         assert leak not in art.model, leak
+
+
+def test_scikit_learn_models_as_skl2onnx_converts_them(tmp_path, keys, capsys):
+    """skl2onnx's defaults: a ZipMap output (a sequence of maps) and an int64 label output. The
+    maps become a score tensor, the labels are scored as labels (accuracy equals scikit-learn's
+    own), and what ONNX Runtime cannot quantize is said plainly."""
+    pytest.importorskip("skl2onnx")
+    from skl2onnx import to_onnx
+    from sklearn.datasets import load_digits
+    from sklearn.ensemble import RandomForestClassifier
+    from sklearn.linear_model import LogisticRegression
+
+    from device_agent.serving import ModelService
+    from edgeml.cli import main
+
+    x, y = load_digits(return_X_y=True)
+    x = (x / 16).astype(np.float32)
+    np.savez(tmp_path / "eval.npz", X=x[1200:], y=y[1200:])
+    np.savez(tmp_path / "calib.npz", X=x[:300])
+    lr = LogisticRegression(max_iter=500).fit(x[:1200], y[:1200])
+    (tmp_path / "lr.onnx").write_bytes(to_onnx(lr, x[:1]).SerializeToString())
+    result = edgeml.optimize(edgeml.OptimizeConfig(
+        model=tmp_path / "lr.onnx", output=tmp_path / "lr.edgeml", key=keys / "signing.key",
+        eval=str(tmp_path / "eval.npz"), calibration=str(tmp_path / "calib.npz"), latency_runs=5, plot=False))
+    assert result.chosen.recipe == "fp32"  # float16 is the same model, dynamic and int8 have nothing to quantize
+    assert result.float_accuracy == pytest.approx(lr.score(x[1200:], y[1200:]))
+    notes = {m.recipe: " ".join(m.notes) for m in result.candidates}
+    assert "nothing to quantize" in notes["dynamic"] and "nothing to quantize" in notes["int8"]
+    service = ModelService.load(result.artifact, keys / "signing.pub")
+    out = service.infer({"X": x[1200:1205]})
+    assert out["output_probability"].shape == (5, 10) and out["output_label"].dtype == np.int64
+    np.testing.assert_array_equal(out["output_label"], lr.predict(x[1200:1205]))
+
+    rf = RandomForestClassifier(n_estimators=10, max_depth=6, random_state=0).fit(x[:1200], y[:1200])
+    (tmp_path / "rf.onnx").write_bytes(to_onnx(rf, x[:1]).SerializeToString())
+    capsys.readouterr()
+    code = main(["optimize", str(tmp_path / "rf.onnx"), "-o", str(tmp_path / "rf.edgeml"), "--recipe", "int8",
+                 "--key", str(keys / "signing.key"), "--eval", str(tmp_path / "eval.npz"),
+                 "--calibration", str(tmp_path / "calib.npz")])
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error")]
+    assert code == 5 and len(lines) == 1 and "nothing to quantize" in lines[0] and "TreeEnsemble" in lines[0]

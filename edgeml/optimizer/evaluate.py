@@ -47,7 +47,21 @@ def is_classifier(y: np.ndarray) -> bool:
     return y.dtype.kind == "f" and y.ndim in (2, 3) and y.shape[-1] > 1
 
 
+def is_label(y: np.ndarray) -> bool:
+    """Predicted class ids, one per sample ([N] integers: scikit-learn's ``output_label``)."""
+    return y.dtype.kind in "iu" and y.ndim == 1
+
+
 def accuracy(y: np.ndarray, labels: np.ndarray) -> float:
+    if is_label(y):
+        labels = np.asarray(labels)
+        if labels.shape != y.shape:
+            raise DataError(f"eval labels 'y' have shape {labels.shape} but the model predicts {y.shape}; "
+                            "give one class id per sample")
+        if labels.dtype.kind not in "iu" and not (labels.dtype.kind == "f" and np.all(labels == np.round(labels))):
+            raise DataError(f"eval labels 'y' are {labels.dtype} values, but the model predicts integer class ids; "
+                            "give each sample's class id")
+        return float(np.mean(y == labels))
     if not is_classifier(y):
         raise DataError(
             f"eval labels 'y' were given but the model's first output has shape {y.shape[1:]}, "
@@ -89,6 +103,9 @@ def compare(reference: Outputs, candidate: Outputs, labels: Optional[np.ndarray]
         r = ref.astype(np.float64).reshape(len(ref), -1)
         g = got.astype(np.float64).reshape(len(got), -1)
         errors.append(float(np.max(np.abs(r - g))) if r.size else 0.0)
+        if is_label(ref):  # class ids: the same or not; a cosine between ids means nothing
+            agreements.append(float(np.mean(ref == got)))
+            continue
         cosines.append(_cosine(r, g))
         if is_classifier(ref):
             agreements.append(float(np.mean(ref.argmax(-1) == got.argmax(-1))))

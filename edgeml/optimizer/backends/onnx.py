@@ -20,7 +20,7 @@ from typing import Callable, Dict, Iterator, List, Optional, Sequence
 import numpy as np
 
 from edgeml.core.data import Dataset
-from edgeml.core.errors import ConversionError, EdgemlError, UsageError, first_line
+from edgeml.core.errors import ConversionError, EdgemlError, UnsupportedModelError, UsageError, first_line
 from edgeml.core.native_output import captured_stderr
 from edgeml.core.runtime import load_runner
 from edgeml.core.specs import TensorSpec
@@ -56,6 +56,8 @@ class OnnxBackend(Backend):
                              "or use the dynamic recipe, which needs none")
         feeds = list(iter_feeds(calibration, source.inputs)) if calibration is not None else []
         prepared, notes = self._prepared(source, calibration, feeds)
+        if recipe in ("dynamic", "int8"):
+            _require_quantizable(prepared, recipe)
         build = {"fp32": _fp32, "float16": _float16, "dynamic": _dynamic, "int8": _int8}[recipe]
         with tempfile.TemporaryDirectory(prefix="edgeml-onnx-") as workdir:
             candidate = build(_Job(source, prepared, feeds, options, Path(workdir)))
@@ -79,6 +81,21 @@ class OnnxBackend(Backend):
                 raise ConversionError(f"the source's ONNX bytes do not parse: {first_line(exc)}") from exc
             self._cache = cached = (source, calibration, *prepare(original, feeds[0] if feeds else None))
         return cached[2], list(cached[3])  # recipes copy the prepared model before changing it
+
+
+def _require_quantizable(model, recipe: str) -> None:
+    """Say plainly when ONNX Runtime's quantizer has nothing to work on (tree ensembles and linear
+    classifiers from scikit-learn are single ai.onnx.ml ops), instead of its own error."""
+    from collections import Counter
+
+    ops = Counter(n.op_type for g in _all_graphs(model.graph) for n in g.node)
+    if any(op in ops for op in (*WEIGHT_OPS, *DYNAMIC_OPS)):
+        return
+    common = ", ".join(op for op, _ in ops.most_common(4))
+    raise UnsupportedModelError(
+        f"the {recipe} recipe has nothing to quantize: ONNX Runtime quantizes MatMul, Gemm, Conv, ConvTranspose "
+        f"and LSTM, and this model has none (its ops: {common}); keep it as fp32"
+    )
 
 
 class _Job:

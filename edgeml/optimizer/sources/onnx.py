@@ -60,7 +60,8 @@ def load_onnx(path) -> OnnxSource:
     file_sha256 = hashlib.sha256(data).hexdigest()
     inlined = _inline_external_data(model, path)
     stripped = _strip_metadata(model)
-    if inlined or stripped:
+    unzipped = _unzip_maps(model, path)
+    if inlined or stripped or unzipped:
         data = model.SerializeToString()
     _check_ops(model, path)
     from edgeml.core.runtime import load_runner
@@ -92,6 +93,31 @@ def _inline_external_data(model, path: Path) -> bool:
                                     "models that large are out of scope")
     log.info("%s: read %d tensors from external data into the model", path.name, len(external))
     return True
+
+
+def _unzip_maps(model, path: Path) -> int:
+    """scikit-learn classifiers converted by skl2onnx end in a ZipMap: a sequence of {class: score}
+    maps, which no tensor API can carry. Serve its input instead, the [N, classes] score tensor,
+    under the same output name (what ``zipmap=False`` would have exported)."""
+    from onnx import TensorProto, helper
+
+    outputs = {o.name: o for o in model.graph.output}
+    done = 0
+    for node in list(model.graph.node):
+        if node.op_type != "ZipMap" or node.output[0] not in outputs:
+            continue
+        out = outputs[node.output[0]]
+        labels = [a for a in node.attribute if a.name in ("classlabels_int64s", "classlabels_strings")]
+        classes = len(labels[0].ints or labels[0].strings) if labels else None
+        index = list(model.graph.node).index(node)
+        model.graph.node.remove(node)
+        model.graph.node.insert(index, helper.make_node("Identity", [node.input[0]], [node.output[0]],
+                                                        name=node.name or "unzipped"))
+        out.CopyFrom(helper.make_tensor_value_info(out.name, TensorProto.FLOAT, [None, classes]))
+        log.info("%s: output '%s' is a ZipMap (a sequence of maps); serving its [N, %s] scores instead",
+                 path.name, out.name, classes if classes is not None else "classes")
+        done += 1
+    return done
 
 
 def _strip_metadata(model) -> int:
