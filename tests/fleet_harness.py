@@ -42,6 +42,11 @@ def resign(source: Path, out: Path, key, *, version: int, name: Optional[str] = 
     return out
 
 
+def later_versions(v1: Path, folder: Path, key) -> dict:
+    """v1 and the same model signed again as v2 and v3."""
+    return {1: v1, 2: resign(v1, folder / "v2.edgeml", key, version=2), 3: resign(v1, folder / "v3.edgeml", key, version=3)}
+
+
 def trap_model(kind: str, threshold: float = 2.0) -> bytes:
     """An ONNX digits classifier ("image" [N,8,8,1] -> "probs" [N,10]) that is fine on inputs like
     its reference ones (pixels in [0, 1]) and goes wrong on live inputs brighter than

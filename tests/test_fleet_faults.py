@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import time
+from contextlib import contextmanager
 
 import numpy as np
 import pytest
@@ -19,7 +20,7 @@ from fleet_harness import (
     cli,
     cli_json,
     devices,
-    resign,
+    later_versions,
     show,
     state_file,
     wait_for_rollout,
@@ -36,10 +37,8 @@ def images(digits_dir):
 
 @pytest.fixture(scope="module")
 def versions(digits_int8_artifact, digits_dir, tmp_path_factory):
-    folder = tmp_path_factory.mktemp("fault-versions")
-    key = digits_dir / "keys" / "signing.key"
-    v1 = digits_int8_artifact
-    return {1: v1, 2: resign(v1, folder / "v2.edgeml", key, version=2), 3: resign(v1, folder / "v3.edgeml", key, version=3)}
+    return later_versions(digits_int8_artifact, tmp_path_factory.mktemp("fault-versions"),
+                          digits_dir / "keys" / "signing.key")
 
 
 class Site:
@@ -127,16 +126,28 @@ def _blocks_done(data_dir) -> int:
         return 0
 
 
+@contextmanager
+def slow_download(tmp_path, digits_dir, versions, *, rate: int, persistence: bool = True):
+    """A site with its own broker and one agent, dev1, whose broker traffic passes a proxy that
+    lets ``rate`` bytes/s through toward it, so a download lasts long enough to break into."""
+    broker = Mosquitto(tmp_path / "broker", persistence=persistence).start()
+    site = Site(tmp_path, digits_dir, versions, broker, f"sqlite:///{tmp_path / 'fleet.db'}")
+    proxy = SlowProxy(broker.port, rate=rate)
+    try:
+        site.serve()
+        agent = site.agent("dev1", broker_url=proxy.url)
+        site.online("dev1")
+        yield site, broker, agent
+    finally:
+        site.close()
+        proxy.close()
+        broker.stop()
+
+
 def test_broker_killed_mid_download_resumes(tmp_path, digits_dir, versions):
     """A slow wire (a proxy passing 20 KB/s toward the device) so the broker can be SIGKILLed
     (persistence off) with part of the artifact on the device's disk; it resumes from there."""
-    broker = Mosquitto(tmp_path / "broker", persistence=False).start()
-    site = Site(tmp_path, digits_dir, versions, broker, f"sqlite:///{tmp_path / 'fleet.db'}")
-    proxy = SlowProxy(broker.port, rate=20_000)
-    try:
-        site.serve()
-        a = site.agent("dev1", broker_url=proxy.url)
-        site.online("dev1")
+    with slow_download(tmp_path, digits_dir, versions, rate=20_000, persistence=False) as (site, broker, a):
         pushed = site.push(2, "--waves", "100%", "--health-window", "1s", "--block-size", "4KiB")
         wait_until(lambda: _blocks_done(a.data_dir) >= 5, 60, "5 blocks on disk")
         before = _blocks_done(a.data_dir)
@@ -149,20 +160,10 @@ def test_broker_killed_mid_download_resumes(tmp_path, digits_dir, versions):
         st = state_file(a.data_dir)
         assert r["devices"][0]["state"] == "committed" and st["attempts"]["downloading"] == 1  # resumed, not restarted
         assert before < 39  # it really was in the middle (39 blocks in all)
-    finally:
-        site.close()
-        proxy.close()
-        broker.stop()
 
 
 def test_broker_stopped_mid_download_then_back(tmp_path, digits_dir, versions):
-    broker = Mosquitto(tmp_path / "broker").start()
-    site = Site(tmp_path, digits_dir, versions, broker, f"sqlite:///{tmp_path / 'fleet.db'}")
-    proxy = SlowProxy(broker.port, rate=20_000)
-    try:
-        site.serve()
-        a = site.agent("dev1", broker_url=proxy.url)
-        site.online("dev1")
+    with slow_download(tmp_path, digits_dir, versions, rate=20_000) as (site, broker, a):
         pushed = site.push(2, "--waves", "100%", "--health-window", "1s", "--block-size", "4KiB")
         wait_until(lambda: _blocks_done(a.data_dir) >= 5, 60, "5 blocks on disk")
         broker.stop()
@@ -171,20 +172,10 @@ def test_broker_stopped_mid_download_then_back(tmp_path, digits_dir, versions):
         broker.start()
         r = wait_for_rollout(site.db, pushed["rollout"], ("completed",), timeout=120)
         assert r["devices"][0]["state"] == "committed"
-    finally:
-        site.close()
-        proxy.close()
-        broker.stop()
 
 
 def test_abort_reaches_a_device_in_the_middle_of_a_download(tmp_path, digits_dir, versions, images):
-    broker = Mosquitto(tmp_path / "broker").start()
-    site = Site(tmp_path, digits_dir, versions, broker, f"sqlite:///{tmp_path / 'fleet.db'}")
-    proxy = SlowProxy(broker.port, rate=10_000)
-    try:
-        site.serve()
-        a = site.agent("dev1", broker_url=proxy.url)
-        site.online("dev1")
+    with slow_download(tmp_path, digits_dir, versions, rate=10_000) as (site, broker, a):
         poller = Poller(a, images).start()
         pushed = site.push(2, "--waves", "100%", "--health-window", "1s", "--block-size", "4KiB")
         wait_until(lambda: _blocks_done(a.data_dir) >= 2, 60, "the download under way")
@@ -196,10 +187,6 @@ def test_abort_reaches_a_device_in_the_middle_of_a_download(tmp_path, digits_dir
         assert r["devices"][0]["state"] == "returned"
         answers = poller.stop()
         assert {v for s, v, _ in answers if s == 200} == {"1"} and all(s == 200 for s, _, _ in answers)
-    finally:
-        site.close()
-        proxy.close()
-        broker.stop()
 
 
 @pytest.fixture()

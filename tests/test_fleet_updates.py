@@ -18,6 +18,7 @@ from fleet_harness import (
     cli_json,
     devices,
     env_with,
+    later_versions,
     resign,
     state_file,
     trap_artifact,
@@ -42,7 +43,7 @@ def versions(digits_int8_artifact, digits_dir, tmp_path_factory):
     folder = tmp_path_factory.mktemp("versions")
     key = digits_dir / "keys" / "signing.key"
     v1 = digits_int8_artifact
-    out = {1: v1, 2: resign(v1, folder / "v2.edgeml", key, version=2), 3: resign(v1, folder / "v3.edgeml", key, version=3)}
+    out = later_versions(v1, folder, key)
     out["slow"] = trap_artifact(v1, folder / "slow.edgeml", key, "slow", version=4)
     out["errors"] = trap_artifact(v1, folder / "errors.edgeml", key, "errors", version=4)
     wrong = {k: np.zeros_like(v) for k, v in read_artifact(v1).selftest_outputs.items()}

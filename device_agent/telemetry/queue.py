@@ -193,13 +193,7 @@ class TelemetryQueue:
         with self._lock:
             rows = self._db.execute("SELECT seq, ts, kind, body, size FROM records ORDER BY seq LIMIT ?",
                                     (max_records,)).fetchall()
-        batch, total = [], 0
-        for seq, ts, kind, body, size in rows:
-            total += size
-            if batch and total > max_bytes:
-                break
-            batch.append({"seq": seq, "ts": ts, "kind": kind, **json.loads(body)})
-        return batch
+        return _batch(rows, max_bytes)
 
     def peek_after(self, cursor: Optional[int], max_records: int = 500,
                    max_bytes: int = 256 << 10) -> Tuple[Optional[int], List[dict]]:
@@ -211,13 +205,7 @@ class TelemetryQueue:
                                     (-1 if cursor is None else cursor, max_records)).fetchall()
             after = self._db.execute("SELECT MAX(seq) FROM records WHERE seq < ?",
                                      (rows[0][0] if rows else 0,)).fetchone()[0] if rows else None
-        batch, total = [], 0
-        for seq, ts, kind, body, size in rows:
-            total += size
-            if batch and total > max_bytes:
-                break
-            batch.append({"seq": seq, "ts": ts, "kind": kind, **json.loads(body)})
-        return after, batch
+        return after, _batch(rows, max_bytes)
 
     def has_records_after(self, cursor: Optional[int]) -> bool:
         with self._lock:
@@ -274,3 +262,14 @@ class TelemetryQueue:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _batch(rows, max_bytes: int) -> List[dict]:
+    """Records from ``(seq, ts, kind, body, size)`` rows up to ``max_bytes`` (at least one)."""
+    batch, total = [], 0
+    for seq, ts, kind, body, size in rows:
+        total += size
+        if batch and total > max_bytes:
+            break
+        batch.append({"seq": seq, "ts": ts, "kind": kind, **json.loads(body)})
+    return batch

@@ -82,6 +82,18 @@ def resolve_targets(store: Store, fleet: str, devices: Optional[Sequence[str]], 
     return known
 
 
+def _health_plan(abort_on: str, health_window, wave_timeout) -> tuple:
+    """The rules, the health window and the wave timeout (default: 2 x window + 10 min, at least
+    10 min) of a push or a rollback; a malformed one is a UsageError."""
+    try:
+        rules = uc.parse_rules(abort_on)
+        window = uc.parse_duration(health_window)
+        timeout = uc.parse_duration(wave_timeout) if wave_timeout is not None else max(600.0, 2 * window + 600.0)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from exc
+    return rules, window, timeout
+
+
 def push_registered(store: Store, uri: str, **options) -> dict:
     """``push`` of an artifact registered in MLflow (``models:/NAME/VERSION`` or ``@ALIAS``); the
     registered version is then tagged with the fleet and the rollout (``edgeml.fleet.F``)."""
@@ -109,11 +121,9 @@ def push(store: Store, artifact_path, *, fleet: str, key, devices: Optional[Sequ
          delta: bool = True) -> dict:
     """Check and record a rollout of ``artifact_path`` to ``fleet``; the controller carries it out."""
     check_id(fleet, "fleet")
+    rules, window, timeout = _health_plan(abort_on, health_window, wave_timeout)
     try:
-        rules = uc.parse_rules(abort_on)
         wave_spec = uc.parse_waves(waves)
-        window = uc.parse_duration(health_window)
-        timeout = uc.parse_duration(wave_timeout) if wave_timeout is not None else max(600.0, 2 * window + 600.0)
     except ValueError as exc:
         raise UsageError(str(exc)) from exc
     if not uc.MIN_BLOCK_SIZE <= block_size <= uc.MAX_BLOCK_SIZE:
@@ -197,11 +207,9 @@ def rollback(store: Store, *, fleet: str, key, to: int, name: Optional[str] = No
             raise InputError(f"{name} v{to} was never pushed to this store; pass its file with --artifact")
     if info["version"] != to:
         raise UsageError(f"--artifact is v{info['version']}, not v{to}")
+    rules, window, timeout = _health_plan(abort_on, health_window, wave_timeout)
     try:
         lifetime = uc.parse_duration(expires)
-        rules = uc.parse_rules(abort_on)
-        window = uc.parse_duration(health_window)
-        timeout = uc.parse_duration(wave_timeout) if wave_timeout is not None else max(600.0, 2 * window + 600.0)
     except ValueError as exc:
         raise UsageError(str(exc)) from exc
     rollout_id = _id("b")

@@ -282,10 +282,10 @@ def _start_run(config: OptimizeConfig, lineage, source: SourceModel, eval_ds, ca
         return None
     from edgeml.tracking.runs import OptimizeRun
 
-    run = OptimizeRun(config.experiment, config.register, parent_run_id=(lineage or {}).get("run_id"))
-    run.params = _run_params(config, lineage, source, eval_ds, calib_ds, train_ds)
-    run.name = f"edgeml {config.artifact_name} v{config.version}"
-    run.start(run.params, run.name)
+    run = OptimizeRun(_run_params(config, lineage, source, eval_ds, calib_ds, train_ds),
+                      f"edgeml {config.artifact_name} v{config.version}", config.experiment, config.register,
+                      parent_run_id=(lineage or {}).get("run_id"))
+    run.start()
     return run
 
 
@@ -308,7 +308,7 @@ def _finish_run(run, result: OptimizeResult, config: OptimizeConfig, workdir: Pa
         console.print(candidates_table(result))
     files = [report, text] + ([result.plot] if result.plot else [])
     try:
-        result.mlflow = run.finish(result.to_dict(), config.output, files, run.params, run.name, result.goal_met)
+        result.mlflow = run.finish(result.to_dict(), config.output, files, result.goal_met)
     except TrackingError as exc:
         result.tracking_error = str(exc)
         result.mlflow = {"tracking_uri": run.uri, "run_id": run.run_id}

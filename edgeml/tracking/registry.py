@@ -8,27 +8,17 @@ from typing import Tuple
 
 from edgeml.core.errors import InputError
 
-from .client import TrackingError, client, describe, stdout_to_stderr, tracking_uri
-from .sources import parse_model_uri
+from .client import TrackingError, client, describe
+from .sources import download, loading, registered_version
 
 
 def fetch_artifact(uri: str, dst: Path) -> Tuple[Path, dict]:
     """The .edgeml file registered as ``uri`` (downloaded into ``dst``) and the version it resolved to."""
-    import mlflow.artifacts
-    from mlflow.exceptions import MlflowException
-
     if not uri.startswith("models:/"):
         raise InputError(f"{uri}: fleet push takes a registered artifact, models:/NAME/VERSION or models:/NAME@ALIAS")
-    name, version, alias = parse_model_uri(uri)
-    c = client()
-    try:
-        mv = c.get_model_version_by_alias(name, alias) if alias else c.get_model_version(name, version)
-        dst.mkdir(parents=True, exist_ok=True)
-        with stdout_to_stderr():
-            local = Path(mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{name}/{mv.version}",
-                                                             dst_path=str(dst), tracking_uri=tracking_uri()))
-    except MlflowException as exc:
-        raise InputError(f"cannot load {uri} from MLflow at {tracking_uri()}: {describe(exc)}") from exc
+    with loading(uri):
+        name, _, mv = registered_version(client(), uri)
+        local = download(f"models:/{name}/{mv.version}", dst)
     files = [local] if local.is_file() else sorted(local.rglob("*.edgeml"))
     files = [f for f in files if f.suffix == ".edgeml"]
     if len(files) != 1:

@@ -52,23 +52,24 @@ class OptimizeRun:
     """One optimize run in MLflow. ``start`` never raises (the build goes on); ``finish`` raises
     ``TrackingError`` when anything could not be recorded."""
 
-    def __init__(self, experiment: Optional[str] = None, register: Optional[str] = None,
-                 parent_run_id: Optional[str] = None):
+    def __init__(self, params: dict, run_name: str, experiment: Optional[str] = None,
+                 register: Optional[str] = None, parent_run_id: Optional[str] = None):
+        self.params, self.run_name = params, run_name
         self.experiment, self.register, self.parent_run_id = experiment, register, parent_run_id
         self.run_id: Optional[str] = None
         self.uri = tracking_uri()
         self._client = client()
         self.start_error: Optional[str] = None
 
-    def start(self, params: dict, run_name: str) -> None:
+    def start(self) -> None:
         try:
             with stdout_to_stderr():
-                self._open(params, run_name)
+                self._open()
         except Exception as exc:  # noqa: BLE001 - MLflow raises many kinds; the build must go on
             self.start_error = describe(exc)
             log.warning("MLflow at %s: %s; building anyway, and trying again at the end", self.uri, self.start_error)
 
-    def _open(self, params: dict, run_name: str) -> None:
+    def _open(self) -> None:
         c = self._client
         experiment_id = None
         if self.experiment is None and self.parent_run_id:
@@ -77,30 +78,28 @@ class OptimizeRun:
             name = self.experiment or DEFAULT_EXPERIMENT
             found = c.get_experiment_by_name(name)
             experiment_id = found.experiment_id if found else c.create_experiment(name)
-        tags = {"mlflow.runName": run_name, "edgeml.tool": "edgeml optimize"}
+        tags = {"mlflow.runName": self.run_name, "edgeml.tool": "edgeml optimize"}
         if self.parent_run_id:
             tags["mlflow.parentRunId"] = self.parent_run_id
         run = c.create_run(experiment_id, tags=tags)
         self.run_id = run.info.run_id
         from mlflow.entities import Param
 
-        c.log_batch(self.run_id, params=[Param(k, _param(v)) for k, v in sorted(params.items())])
+        c.log_batch(self.run_id, params=[Param(k, _param(v)) for k, v in sorted(self.params.items())])
 
-    def finish(self, result: dict, artifact: Path, files: Iterable[Path], params: dict, run_name: str,
-               goal_met: bool) -> dict:
+    def finish(self, result: dict, artifact: Path, files: Iterable[Path], goal_met: bool) -> dict:
         """Record the outcome; what was recorded (run id, registered version) as a dict."""
         with stdout_to_stderr():
-            return self._finish(result, artifact, files, params, run_name, goal_met)
+            return self._finish(result, artifact, files, goal_met)
 
-    def _finish(self, result: dict, artifact: Path, files: Iterable[Path], params: dict, run_name: str,
-                goal_met: bool) -> dict:
+    def _finish(self, result: dict, artifact: Path, files: Iterable[Path], goal_met: bool) -> dict:
         from mlflow.entities import Metric, RunTag
 
         c = self._client
         out = {"tracking_uri": self.uri}
         try:
             if self.run_id is None:
-                self._open(params, run_name)
+                self._open()
             out["run_id"] = self.run_id
             art = read_artifact(artifact)
             tags = {"edgeml.chosen": result.get("chosen"), "edgeml.goal_met": str(bool(goal_met)).lower(),

@@ -3,6 +3,7 @@
 flavor, or a plain .keras / .onnx file (or SavedModel folder) logged as an artifact."""
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 from typing import Tuple
 
@@ -31,20 +32,11 @@ def parse_model_uri(uri: str) -> Tuple[str, str, str]:
 def resolve_model(uri: str, dst: Path) -> Tuple[Path, dict]:
     """Download the model ``uri`` names into ``dst``; its local path and its lineage (the URI, the
     registered name and resolved version, the run that logged it)."""
-    with stdout_to_stderr():
-        return _resolve(uri, dst)
-
-
-def _resolve(uri: str, dst: Path) -> Tuple[Path, dict]:
-    import mlflow.artifacts
-    from mlflow.exceptions import MlflowException
-
     c = client()
     lineage = {"uri": uri, "tracking_uri": tracking_uri()}
-    try:
+    with loading(uri):
         if uri.startswith("models:/"):
-            name, version, alias = parse_model_uri(uri)
-            mv = c.get_model_version_by_alias(name, alias) if alias else c.get_model_version(name, version)
+            name, alias, mv = registered_version(c, uri)
             lineage.update(registered_model=name, version=int(mv.version), run_id=mv.run_id or None)
             if alias:
                 lineage["alias"] = alias
@@ -56,14 +48,37 @@ def _resolve(uri: str, dst: Path) -> Tuple[Path, dict]:
             c.get_run(run_id)
             lineage["run_id"] = run_id
             where = uri
-        dst.mkdir(parents=True, exist_ok=True)
-        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=where, dst_path=str(dst),
-                                                         tracking_uri=lineage["tracking_uri"]))
-    except MlflowException as exc:
-        raise InputError(f"cannot load {uri} from MLflow at {lineage['tracking_uri']}: {describe(exc)}") from exc
+        local = download(where, dst)
     path, flavor = model_file(local, uri)
     lineage["flavor"] = flavor
     return path, lineage
+
+
+def registered_version(c, uri: str):
+    """``models:/NAME/VERSION`` or ``models:/NAME@ALIAS`` as it stands now: (name, alias, ModelVersion)."""
+    name, version, alias = parse_model_uri(uri)
+    return name, alias, (c.get_model_version_by_alias(name, alias) if alias else c.get_model_version(name, version))
+
+
+def download(where: str, dst: Path) -> Path:
+    """MLflow's artifacts at ``where`` in ``dst`` (its progress bar on stderr, its notes off stdout)."""
+    import mlflow.artifacts
+
+    dst.mkdir(parents=True, exist_ok=True)
+    with stdout_to_stderr():
+        return Path(mlflow.artifacts.download_artifacts(artifact_uri=where, dst_path=str(dst),
+                                                        tracking_uri=tracking_uri()))
+
+
+@contextlib.contextmanager
+def loading(uri: str):
+    """MLflow's errors while reading ``uri`` as one InputError line (exit 3)."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        yield
+    except MlflowException as exc:
+        raise InputError(f"cannot load {uri} from MLflow at {tracking_uri()}: {describe(exc)}") from exc
 
 
 def model_file(local: Path, uri: str) -> Tuple[Path, str]:
