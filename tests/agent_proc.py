@@ -6,6 +6,7 @@ import json
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import List, Optional
@@ -33,7 +34,9 @@ class AgentProcess:
             self.args += ["--config", str(config)]
         self.env = env
         self.process: Optional[subprocess.Popen] = None
-        self.conn: Optional[http.client.HTTPConnection] = None
+        # one connection per thread: a Poller's requests and start()'s readiness probes run at the
+        # same time, and one HTTPConnection shared by two threads hands one the other's response
+        self._local = threading.local()
 
     def start(self, timeout: float = 30.0) -> "AgentProcess":
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
@@ -54,13 +57,14 @@ class AgentProcess:
     def _request(self, method: str, path: str, body: Optional[bytes] = None):
         for attempt in range(2):
             try:
-                if self.conn is None:
-                    self.conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=10)
-                self.conn.request(method, path, body=body, headers={"Content-Type": "application/json"})
-                response = self.conn.getresponse()
+                conn = getattr(self._local, "conn", None)
+                if conn is None:
+                    conn = self._local.conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=10)
+                conn.request(method, path, body=body, headers={"Content-Type": "application/json"})
+                response = conn.getresponse()
                 return response.status, response.read()
             except (ConnectionError, http.client.HTTPException, OSError):
-                self.conn = None
+                self._local.conn = None
                 if attempt:
                     return None, b""
         return None, b""
@@ -103,8 +107,9 @@ class AgentProcess:
         try:
             code = self.process.wait(timeout=timeout)
         finally:
-            if self.conn is not None:
-                self.conn.close()
-                self.conn = None
+            conn = getattr(self._local, "conn", None)
+            if conn is not None:  # other threads' connections fail on their next use and reconnect
+                conn.close()
+                self._local.conn = None
             self._log.close()
         return code
