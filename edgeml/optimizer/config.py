@@ -27,6 +27,7 @@ class OptimizeConfig:
     calibration: Optional[str] = None
     eval: Optional[str] = None
     max_accuracy_drop: Optional[float] = None  # default: the recipe file's, else 0.01
+    metric: Optional[str] = None  # what the drop measures (edgeml.optimizer.metrics); default: the recipe file's, else auto
     name: Optional[str] = None
     version: int = 1
     seed: int = 0
@@ -73,7 +74,7 @@ class OptimizeConfig:
             "prune": {"sparsity": self.prune, "schedule": self.prune_schedule, "structured": self.structured,
                       "layers": dict(self.layer_sparsity) or None},
             "quantize": {"recipe": self.recipe, "format": self.format, "tuner": self.tuner,
-                         "max_accuracy_drop": self.max_accuracy_drop},
+                         "max_accuracy_drop": self.max_accuracy_drop, "metric": self.metric},
             "mlflow": {"enabled": True if (self.mlflow or self.experiment or self.register) else None,
                        "experiment": self.experiment, "register": self.register},
         }
@@ -85,6 +86,7 @@ class OptimizeConfig:
         self.plan = build_recipe(tables, self._flags(), str(self.recipe_file) if self.recipe_file else None)
         q = self.plan.quantize
         self.recipe, self.format, self.tuner, self.max_accuracy_drop = q.recipe, q.format, q.tuner, q.max_accuracy_drop
+        self.metric = q.metric
         t = self.plan.mlflow
         self.mlflow, self.experiment, self.register = t is not None, t and t.experiment, t and t.register
         if self.mlflow or self.is_mlflow_source:

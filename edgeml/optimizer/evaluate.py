@@ -1,30 +1,36 @@
-"""Measure a model against the float model: accuracy or agreement, error, latency, bytes.
+"""Measure a model against the float model: task quality, error, latency, bytes.
 
-The accuracy figure that gates a candidate (``drop``) is, in order of preference:
-labels given        -> float accuracy minus candidate accuracy (0.01 = one point)
-classifier outputs  -> 1 - top-1 agreement with the float model
-anything else       -> 1 - mean cosine similarity with the float model
+The figure that gates a candidate (``drop``) is each output's task metric (see
+``edgeml.optimizer.metrics``): accuracy against labels, top-1 or per-position agreement, mask
+IoU, cosine or relative error against the float model. With several outputs, the worst of the
+outputs whose kind decides (accuracy, agreement, sequence, IoU) gates; other outputs (a
+recurrent state, a feature tap) gate only when no output of those kinds exists.
 """
 from __future__ import annotations
 
 import time
 from dataclasses import asdict, dataclass
-from typing import Callable, Optional
+from typing import Callable, Dict, Optional
 
 import numpy as np
 
 from edgeml.core.data import Dataset, Outputs
 from edgeml.core.errors import DataError
 
+from .metrics import GATING, Metric, mask_iou, output_kinds, relative_error, top1_agreement
+
 
 @dataclass
 class Quality:
     accuracy: Optional[float] = None  # with labels, on the first output
-    agreement: Optional[float] = None  # top-1 agreement with float, worst classifier output
-    cosine: Optional[float] = None  # mean per-sample cosine similarity, worst output
+    agreement: Optional[float] = None  # top-1 (per-position for sequences) agreement with float, worst output
+    cosine: Optional[float] = None  # mean per-sample cosine similarity, worst float output
     max_abs_error: Optional[float] = None
+    relative_error: Optional[float] = None  # ||float - candidate|| / ||float||, worst float output
+    iou: Optional[float] = None  # mean mask IoU with float, worst probability-map output
     drop: float = 0.0
-    drop_kind: str = "cosine"  # "accuracy" | "agreement" | "cosine"
+    drop_kind: str = "cosine"  # one of edgeml.optimizer.metrics.KINDS
+    kinds: Optional[Dict[str, str]] = None  # each output's kind
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -91,36 +97,57 @@ def accuracy(y: np.ndarray, labels: np.ndarray) -> float:
 
 
 def compare(reference: Outputs, candidate: Outputs, labels: Optional[np.ndarray] = None,
-            reference_accuracy: Optional[float] = None) -> Quality:
-    """Compare candidate outputs with the float reference (same names, same sample order)."""
-    q = Quality()
-    agreements, cosines, errors = [], [], []
+            reference_accuracy: Optional[float] = None, kinds: Optional[Dict[str, str]] = None,
+            metric: Metric = Metric()) -> Quality:
+    """Compare candidate outputs with the float reference (same names, same sample order).
+
+    ``kinds`` gives each output's task (``metrics.output_kinds``); by default they are read off
+    the reference. ``metric`` carries the IoU threshold."""
+    if kinds is None:
+        kinds = output_kinds(reference, metric, labels_given=labels is not None)
+    q = Quality(kinds=dict(kinds))
+    drops: Dict[str, tuple] = {}  # output -> (kind, drop)
+    agreements, cosines, errors, relative, ious = [], [], [], [], []
     for name, ref in reference.items():
         got = np.asarray(candidate[name])
         ref = np.asarray(ref)
         if got.shape != ref.shape:
             raise DataError(f"output '{name}' has shape {got.shape}, the float model gives {ref.shape}")
+        kind = kinds.get(name, "cosine")
         r = ref.astype(np.float64).reshape(len(ref), -1)
         g = got.astype(np.float64).reshape(len(got), -1)
         errors.append(float(np.max(np.abs(r - g))) if r.size else 0.0)
-        if is_label(ref):  # class ids: the same or not; a cosine between ids means nothing
-            agreements.append(float(np.mean(ref == got)))
-            continue
-        cosines.append(_cosine(r, g))
-        if is_classifier(ref):
-            agreements.append(float(np.mean(ref.argmax(-1) == got.argmax(-1))))
+        if ref.dtype.kind == "f":  # a cosine between class ids means nothing
+            cosines.append(_cosine(r, g))
+            relative.append(relative_error(r, g))
+        if kind == "accuracy" and (is_label(ref) or is_classifier(ref)):
+            agreements.append(top1_agreement(ref, got))  # reported beside the accuracy, which gates
+        elif kind in ("agreement", "sequence"):
+            agreements.append(top1_agreement(ref, got))
+            drops[name] = (kind, 1.0 - agreements[-1])
+        elif kind == "iou":
+            ious.append(mask_iou(ref, got, metric.threshold))
+            drops[name] = (kind, 1.0 - ious[-1])
+        elif kind == "relative-error":
+            drops[name] = (kind, relative[-1] if ref.dtype.kind == "f" else 1.0 - top1_agreement(ref, got))
+        elif kind == "cosine":
+            drops[name] = (kind, max(0.0, 1.0 - cosines[-1]) if ref.dtype.kind == "f" else
+                           1.0 - top1_agreement(ref, got))
     q.cosine = min(cosines) if cosines else None
     q.max_abs_error = max(errors) if errors else None
     q.agreement = min(agreements) if agreements else None
+    q.relative_error = max(relative) if relative else None
+    q.iou = min(ious) if ious else None
     if labels is not None:
         first = next(iter(candidate))
         q.accuracy = accuracy(np.asarray(candidate[first]), labels)
         base = reference_accuracy if reference_accuracy is not None else accuracy(np.asarray(reference[first]), labels)
         q.drop, q.drop_kind = max(0.0, base - q.accuracy), "accuracy"
-    elif q.agreement is not None:
-        q.drop, q.drop_kind = 1.0 - q.agreement, "agreement"
-    else:
-        q.drop, q.drop_kind = max(0.0, 1.0 - (q.cosine or 0.0)), "cosine"
+        return q
+    deciding = {k: v for k, v in drops.items() if v[0] in GATING} or drops
+    if deciding:
+        q.drop_kind, q.drop = max(deciding.values(), key=lambda kv: kv[1])
+        q.drop = max(0.0, q.drop)
     return q
 
 

@@ -45,14 +45,16 @@ def render(info: dict, out) -> None:
     out.print(io)
     lat = metrics.get("latency_ms", {})
     figures = Table(title="measured")
-    for col in ("bytes", "accuracy", "float accuracy", "agreement", "cosine", "drop", "median ms", "p95 ms", "goal met"):
+    for col in ("bytes", "accuracy", "float accuracy", "agreement", "cosine", "IoU", "rel. error", "drop", "metric",
+                "median ms", "p95 ms", "goal met"):
         figures.add_column(col, justify="right")
 
     def f(v, spec=".4f"):
         return "-" if v is None else format(v, spec)
 
     figures.add_row(str(metrics.get("bytes")), f(metrics.get("accuracy")), f(metrics.get("float_accuracy")),
-                    f(metrics.get("agreement")), f(metrics.get("cosine"), ".5f"), f(metrics.get("drop")),
+                    f(metrics.get("agreement")), f(metrics.get("cosine"), ".5f"), f(metrics.get("iou")),
+                    f(metrics.get("relative_error")), f(metrics.get("drop")), str(metrics.get("drop_kind", "-")),
                     f(lat.get("median_ms"), ".3f"), f(lat.get("p95_ms"), ".3f"), str(metrics.get("goal_met")))
     out.print(figures)
     stages = m.get("stages") or []

@@ -17,14 +17,16 @@ from edgeml.core.runtime import load_runner
 from edgeml.core.specs import TensorSpec
 
 from .backends import BuildOptions, Candidate, get_backend
+from .backends.base import ONNX_ONLY
 from .choose import choose, frontier, pays, size
 from .config import OptimizeConfig
 from .evaluate import Latency, Quality, accuracy, compare, measure_latency
+from .metrics import output_kinds, parse_metric
 from .sources.base import SourceModel, load_source
 
 log = logging.getLogger(__name__)
 
-AUTO_RECIPES = ("float16", "dynamic", "int8")
+AUTO_RECIPES = ("float16", "dynamic", "int8", "int8-weights")
 SELFTEST_SAMPLES = 8
 
 
@@ -119,7 +121,7 @@ class OptimizeResult:
 def optimize(config: OptimizeConfig, on_step: Callable[[str], None] = lambda s: None) -> OptimizeResult:
     """Run the whole job; raise AccuracyGoalNotMet (after writing) when a stage or the result misses its goal."""
     from edgeml.core.artifact import write_artifact
-    from edgeml.core.selftest import tolerance
+    from edgeml.core.selftest import build_selftest
     from edgeml.core.signing import load_private_key
     from edgeml.core.stats import baseline_stats, output_stats
 
@@ -160,11 +162,13 @@ def optimize(config: OptimizeConfig, on_step: Callable[[str], None] = lambda s: 
 
     on_step("running the float model")
     reference = run_dataset(source.reference, eval_ds)
-    _warn_if_degenerate(reference)
+    kinds = _kinds(reference, source, eval_ds, config)
+    _warn_if_degenerate(reference, kinds)
     float_acc = None
     if eval_ds.labels is not None:
         float_acc = accuracy(np.asarray(reference[source.outputs[0].name]), eval_ds.labels)
-    options = BuildOptions(seed=config.seed, min_agreement=max(0.99, 1.0 - config.max_accuracy_drop))
+    options = BuildOptions(seed=config.seed, min_agreement=max(0.99, 1.0 - config.max_accuracy_drop), kinds=kinds,
+                           threshold=parse_metric(config.metric).threshold)
 
     run = _start_run(config, source_lineage, user_source, eval_ds, calib_ds, train_ds)
 
@@ -195,7 +199,7 @@ def optimize(config: OptimizeConfig, on_step: Callable[[str], None] = lambda s: 
             if eval_ds.labels is not None:
                 float_acc = accuracy(np.asarray(reference[source.outputs[0].name]), eval_ds.labels)
 
-    recipes = _recipes_for(config, calib_ds is not None)
+    recipes = _recipes_for(config, calib_ds is not None, fmt)
     measured: List[Measured] = []
     for recipe in recipes:
         on_step(f"building and measuring {recipe}")
@@ -226,9 +230,7 @@ def optimize(config: OptimizeConfig, on_step: Callable[[str], None] = lambda s: 
 
     on_step("writing the artifact")
     runner = load_runner(chosen.candidate.model, fmt)
-    st_ds = eval_ds.head(SELFTEST_SAMPLES)
-    st_in, st_out = st_ds.inputs, run_dataset(runner.run, st_ds)
-    atol = tolerance(st_out, {s.name: s.scale for s in runner.outputs})
+    st = build_selftest(runner, eval_ds, model_zstd_bytes=chosen.zstd_bytes, samples=SELFTEST_SAMPLES)
     baseline = baseline_stats((calib_ds or eval_ds).inputs)
     baseline["source"] = "calibration" if calib_ds is not None else "eval"
     baseline["outputs"] = output_stats(chosen.eval_outputs or {})  # predicted classes on eval, on the device runtime
@@ -236,14 +238,14 @@ def optimize(config: OptimizeConfig, on_step: Callable[[str], None] = lambda s: 
     manifest = build_manifest(
         config=config, source=user_source, chosen=chosen, measured=measured, goal_met=goal_met,
         float_accuracy=float_acc, eval_ds=eval_ds, calib_ds=calib_ds, labels=labels_list,
-        preprocessing=preprocessing, selftest={"samples": len(st_ds), "atol": atol, "whole_samples": st_ds.whole},
+        preprocessing=preprocessing, selftest=st.meta,
         frontier=[_label(m, stage_results) for m in frontier(everything)], stages=stage_results,
         train_ds=train_ds,
     )
     if source_lineage is not None:  # where the model came from, without the server's address
         manifest["lineage"]["source"]["mlflow"] = {k: v for k, v in source_lineage.items() if k != "tracking_uri"}
     artifact = write_artifact(config.output, model=chosen.candidate.model, model_format=fmt, manifest=manifest,
-                              selftest_inputs=st_in, selftest_outputs=st_out, baseline=baseline,
+                              selftest_inputs=st.inputs, selftest_outputs=st.outputs, baseline=baseline,
                               private_key=private_key)
     result = OptimizeResult(config.output, chosen, measured, goal_met, config.max_accuracy_drop,
                             float_acc, manifest, stages=stage_results, artifact_bytes=artifact.size)
@@ -314,13 +316,17 @@ def _finish_run(run, result: OptimizeResult, config: OptimizeConfig, workdir: Pa
         result.mlflow = {"tracking_uri": run.uri, "run_id": run.run_id}
 
 
-def _warn_if_degenerate(reference) -> None:
-    """A reference that predicts one class for every eval sample makes agreement meaningless."""
-    from .evaluate import is_classifier
+def _kinds(reference, source: SourceModel, eval_ds: Dataset, config: OptimizeConfig) -> dict:
+    """Each output's task metric (edgeml.optimizer.metrics), from --metric or read off the float outputs."""
+    return output_kinds(reference, parse_metric(config.metric), [s.name for s in source.inputs],
+                        labels_given=eval_ds.labels is not None)
 
+
+def _warn_if_degenerate(reference, kinds: dict) -> None:
+    """A reference that predicts one class for every eval sample makes agreement meaningless."""
     for name, y in reference.items():
         y = np.asarray(y)
-        if is_classifier(y) and len(y) > 1:
+        if kinds.get(name) in ("agreement", "accuracy") and y.ndim == 2 and y.shape[-1] > 1 and len(y) > 1:
             classes = np.unique(y.argmax(-1))
             if len(classes) == 1:
                 log.warning("the float model predicts class %d for every eval sample on output '%s': comparisons "
@@ -376,9 +382,9 @@ def _goal_message(result: OptimizeResult, config: OptimizeConfig) -> str:
             "give more calibration data, or use --recipe fp32")
 
 
-def _recipes_for(config: OptimizeConfig, have_calibration: bool) -> List[str]:
+def _recipes_for(config: OptimizeConfig, have_calibration: bool, fmt: str) -> List[str]:
     if config.recipe == "auto":
-        wanted = ["fp32", *AUTO_RECIPES]
+        wanted = ["fp32", *(r for r in AUTO_RECIPES if fmt == "onnx" or r not in ONNX_ONLY)]
         if not have_calibration:
             log.warning("auto without --calibration skips the int8 candidate")
             wanted.remove("int8")
@@ -397,11 +403,13 @@ def _measure(cand: Candidate, source: SourceModel, eval_ds: Dataset, reference, 
             "this is a bug in the converter step, please report it"
         )
     outputs = run_dataset(runner.run, eval_ds)
-    quality = compare(reference, {k: outputs[k] for k in reference}, eval_ds.labels, float_acc)
+    kinds, metric = _kinds(reference, source, eval_ds, config), parse_metric(config.metric)
+    quality = compare(reference, {k: outputs[k] for k in reference}, eval_ds.labels, float_acc, kinds, metric)
     latency = measure_latency(runner.run, eval_ds, runs=config.latency_runs)
     total = None
     if original is not None:
-        total = compare(original[0], {k: outputs[k] for k in original[0]}, eval_ds.labels, original[1])
+        total = compare(original[0], {k: outputs[k] for k in original[0]}, eval_ds.labels, original[1],
+                        _kinds(original[0], source, eval_ds, config), metric)
     return Measured(cand.recipe, cand.format, len(cand.model), transfer.compressed_size(cand.model), quality, total,
                     latency, list(cand.notes), dict(cand.details), cand, list(runner.inputs), list(runner.outputs),
                     outputs)

@@ -36,8 +36,9 @@ def build_manifest(*, config, source, chosen, measured, goal_met, float_accuracy
             "fp32_zstd_bytes": base.zstd_bytes if base else None,
             "fp32_latency_ms": base.latency.median_ms if base else None,
         },
-        # what shipping costs: the model member compressed as the artifact file is (a few hundred
-        # bytes of manifest, signature and self-test come on top)
+        # what shipping costs: the model member compressed as the artifact file is; the self-test,
+        # manifest, signature and baseline come on top, within max(5% of it, 32 KiB)
+        # (edgeml.core.selftest.build_selftest, edgeml.core.artifact.overhead)
         "transfer": {"encoding": "zstd", "level": transfer.LEVEL, "model_bytes": chosen.zstd_bytes},
         "stages": [s.to_dict(base) for s in stages],
         "candidates": [m.to_dict(base) for m in measured],

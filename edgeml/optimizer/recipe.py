@@ -14,6 +14,7 @@ A recipe file has up to four tables; every key is optional and unknown keys are 
 
     [quantize]
     recipe = "auto"    format = "tflite"    tuner = "inc"    max_accuracy_drop = 0.01
+    metric = "auto"  (or accuracy, agreement, sequence, iou@0.5, cosine, relative-error)
 
     [mlflow]       # record the run in MLflow at MLFLOW_TRACKING_URI, as --mlflow does
     enabled = true    experiment = "edge-builds"    register = "digits-edge"
@@ -33,6 +34,7 @@ from typing import Dict, Optional
 
 from edgeml.core.errors import InputError, UsageError
 
+from .metrics import parse_metric
 from .training.pruning import SCHEDULES
 
 TUNERS = ("inc",)
@@ -76,6 +78,7 @@ class QuantizeStage:
     format: Optional[str] = None
     tuner: Optional[str] = None
     max_accuracy_drop: float = 0.01
+    metric: str = "auto"  # edgeml.optimizer.metrics: what the drop measures
 
 
 @dataclass
@@ -219,6 +222,7 @@ def check_recipe(recipe: Recipe) -> None:
     _check_drop("--max-accuracy-drop", q.max_accuracy_drop)
     if q.tuner is not None and q.tuner not in TUNERS:
         raise UsageError(f"unknown tuner {q.tuner!r}; choose one of {', '.join(TUNERS)}")
+    parse_metric(q.metric)
 
 
 def _check_drop(name: str, value: float) -> None:

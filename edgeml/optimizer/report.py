@@ -17,9 +17,17 @@ def _fmt_bytes(n: int) -> str:
 
 
 def _quality_cell(q) -> str:
-    if q.accuracy is not None:
+    """The figure in the task metric that gates (``q.drop_kind``)."""
+    kind = q.drop_kind
+    if kind == "accuracy" and q.accuracy is not None:
         return f"acc {q.accuracy:.4f}"
-    if q.agreement is not None:
+    if kind == "sequence" and q.agreement is not None:
+        return f"per-pos {q.agreement:.4f}"
+    if kind == "iou" and q.iou is not None:
+        return f"IoU {q.iou:.4f}"
+    if kind == "relative-error" and q.relative_error is not None:
+        return f"rel.err {q.relative_error:.4f}"
+    if kind == "agreement" and q.agreement is not None:
         return f"agree {q.agreement:.4f}"
     return f"cos {q.cosine:.5f}" if q.cosine is not None else "-"
 
@@ -41,6 +49,8 @@ def stages_table(result):
         m = s.measured
         gate = "-" if s.max_drop is None else f"≤ {s.max_drop:g}"
         verdict = "" if s.stage == "original" else ("passed" if s.passed else "rejected, its input kept")
+        if s.details.get("kept") == "labels":
+            verdict += " (the student trained on labels alone scored higher and was kept)"
         table.add_row(s.stage, f"{s.params:,}", f"{s.nonzero_params:,}", _fmt_bytes(m.bytes), _fmt_bytes(m.zstd_bytes),
                       _ratio(m.zstd_bytes, base), _quality_cell(m.quality),
                       "-" if s.stage == "original" else f"{s.drop:.4f}", gate, f"{m.latency.median_ms:.3f}", verdict)
@@ -76,11 +86,24 @@ def candidates_table(result):
         if result.stages:
             row.append(f"{m.total.drop:.4f}" if m.total is not None else "-")
         table.add_row(*row, f"{m.latency.median_ms:.3f}", f"{m.latency.p95_ms:.3f}", mark)
+    if result.artifact_bytes and result.chosen.zstd_bytes:
+        table.caption = artifact_caption(result.artifact_bytes, result.chosen.zstd_bytes)
     return table
 
 
+def artifact_caption(file_bytes: int, model_zstd_bytes: int) -> str:
+    """The whole file, not just the model: what the self-test, manifest and signature add."""
+    extra = file_bytes - model_zstd_bytes
+    return (f"artifact {_fmt_bytes(file_bytes)} = kept model {_fmt_bytes(model_zstd_bytes)} zstd + "
+            f"{_fmt_bytes(extra)} self-test and metadata ({100.0 * extra / model_zstd_bytes:.1f}%)")
+
+
 def _score(q, kind: str):
-    return q.accuracy if kind == "accuracy" else q.agreement if kind == "agreement" else q.cosine
+    if kind == "iou":
+        return q.iou
+    if kind == "relative-error":
+        return None if q.relative_error is None else 1.0 - q.relative_error
+    return q.accuracy if kind == "accuracy" else q.agreement if kind in ("agreement", "sequence") else q.cosine
 
 
 def plot_candidates(result, path: Path) -> Optional[Path]:
@@ -106,7 +129,9 @@ def plot_candidates(result, path: Path) -> Optional[Path]:
     if not points:
         return None
     kind = points[0][2].drop_kind
-    label = {"accuracy": "accuracy", "agreement": "top-1 agreement with float"}.get(kind, "cosine similarity")
+    label = {"accuracy": "accuracy", "agreement": "top-1 agreement with float",
+             "sequence": "per-position agreement with float", "iou": "mask IoU with float",
+             "relative-error": "1 - relative error against float"}.get(kind, "cosine similarity")
     fig, ax = plt.subplots(figsize=(7.0, 4.6), dpi=110)
     for name, m, q, marker in points:
         ax.scatter([m.zstd_bytes / 1024], [_score(q, kind)], marker=marker, s=80, edgecolors="black", linewidths=0.5,

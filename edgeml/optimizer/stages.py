@@ -97,7 +97,7 @@ def run(plan, original, original_measured, teacher_model, train_ds: Dataset, eva
             "student": "file" if settings.student else f"width {settings.student_width}",
             "temperature": settings.temperature, "alpha": settings.alpha, "epochs_run": done.epochs_run,
             "best_epoch": done.best_epoch, "teacher_params": done.teacher_params,
-            "student_params": done.student_params,
+            "student_params": done.student_params, **done.details(),
         })
         results.append(stage)
         if stage.passed:

@@ -10,7 +10,9 @@ The container is an ordinary ZIP file (``unzip -l`` lists it) with these members
     signature.json   {"algorithm": "ed25519", "key_id": ..., "signature": base64}
                      Ed25519 over exactly the bytes of manifest.json
     baseline.json    canonical JSON: input statistics for drift monitoring
-    selftest.npz     arrays "input/<name>" and "output/<name>" (reference outputs)
+    selftest.npz     arrays "input/<name>", "output/<name>" (full reference outputs) and, from
+                     schema version 2, "reference/<part>/<name>" (compact references); the
+                     manifest's "selftest" section says how each is stored (``selftest_data``)
     model.tflite | model.onnx
 
 Every member is stored uncompressed with fixed timestamps and attributes, written by the small
@@ -23,6 +25,9 @@ weights compress well, and the compressed size is what shipping costs. The frame
 content size and carries a checksum; a reader refuses frames that would unpack to more than
 ``MAX_ARTIFACT_BYTES`` (no zstd bombs) and then checks the ZIP exactly as above. Uncompressed
 artifacts (``compress=False``, e.g. for ``unzip``) are read as well.
+
+Everything beyond the model (self-test, manifest, signature, baseline) is kept within
+``overhead_budget``: 5% of the model's zstd bytes or 32 KiB, whichever is more (``sizes``).
 """
 
 from .layout import (
@@ -31,6 +36,7 @@ from .layout import (
     MAX_ARTIFACT_BYTES,
     MAX_JSON_BYTES,
     MODEL_MEMBERS,
+    READABLE_VERSIONS,
     SCHEMA_VERSION,
     SELFTEST,
     SIGNATURE,
@@ -38,8 +44,9 @@ from .layout import (
     canonical_json,
 )
 from .reader import read_artifact, verify_artifact
+from .sizes import overhead, overhead_budget
 from .writer import write_artifact
 
 __all__ = ["Artifact", "BASELINE", "MANIFEST", "MAX_ARTIFACT_BYTES", "MAX_JSON_BYTES", "MODEL_MEMBERS",
-           "SCHEMA_VERSION", "SELFTEST", "SIGNATURE", "canonical_json", "read_artifact", "verify_artifact",
-           "write_artifact"]
+           "READABLE_VERSIONS", "SCHEMA_VERSION", "SELFTEST", "SIGNATURE", "canonical_json", "overhead",
+           "overhead_budget", "read_artifact", "verify_artifact", "write_artifact"]

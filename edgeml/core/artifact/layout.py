@@ -10,11 +10,15 @@ import os
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Tuple, Union
+from typing import Dict, List, Optional, Tuple, Union
 
 import numpy as np
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # the newest this edgeml reads and writes; see READABLE_VERSIONS
+# 1: self-test inputs and reference outputs stored as they are. 2: the manifest's selftest section
+# may say that inputs are stored narrower and references compactly (``selftest_data``). The writer
+# writes 1 whenever the self-test is stored as is, so older readers still read those artifacts.
+READABLE_VERSIONS = (1, 2)
 MANIFEST = "manifest.json"
 SIGNATURE = "signature.json"
 BASELINE = "baseline.json"
@@ -35,8 +39,8 @@ class Artifact:
     manifest: dict
     model: bytes = field(repr=False)
     model_format: str
-    selftest_inputs: Dict[str, np.ndarray] = field(repr=False)
-    selftest_outputs: Dict[str, np.ndarray] = field(repr=False)
+    selftest_inputs: Dict[str, np.ndarray] = field(repr=False)  # decoded: as the model takes them
+    selftest_outputs: Dict[str, np.ndarray] = field(repr=False)  # the references stored in full
     baseline: dict = field(repr=False)
     key_id: str
     size: int  # of the file as stored and shipped (compressed unless written with compress=False)
@@ -45,6 +49,8 @@ class Artifact:
     content_size: int = 0  # of the ZIP inside
     compressed: bool = False
     content_sha256: str = ""  # of the ZIP inside: what the signature covers, whatever the packing
+    # compact references {output: {part: array}} (selftest_data); outputs not in selftest_outputs
+    selftest_references: Dict[str, Dict[str, np.ndarray]] = field(default_factory=dict, repr=False)
 
 
 def canonical_json(obj) -> bytes:
@@ -89,10 +95,20 @@ def json_member(obj: dict, name: str) -> bytes:
         raise ValueError(f"{name}: {exc} (NaN and infinity have no JSON form; store null instead)") from exc
 
 
-def npz_bytes(inputs: Dict[str, np.ndarray], outputs: Dict[str, np.ndarray]) -> bytes:
-    """An .npz that np.load reads, built by our own ZIP writer so its bytes are deterministic."""
+def npz_bytes(inputs: Dict[str, np.ndarray], outputs: Dict[str, np.ndarray],
+              references: Optional[Dict[str, Dict[str, np.ndarray]]] = None) -> bytes:
+    """An .npz that np.load reads, built by our own ZIP writer so its bytes are deterministic.
+
+    Arrays ``input/<name>``, ``output/<name>``, then ``reference/<part>/<name>`` for compact references.
+    """
+    groups = [("input", inputs), ("output", outputs)]
+    by_part: Dict[str, Dict[str, np.ndarray]] = {}
+    for name, parts in (references or {}).items():
+        for part, array in parts.items():
+            by_part.setdefault(part, {})[name] = array
+    groups += [(f"reference/{part}", by_part[part]) for part in sorted(by_part)]
     members = []
-    for kind, arrays in (("input", inputs), ("output", outputs)):
+    for kind, arrays in groups:
         for name in sorted(arrays):  # sorted: the same arrays in any dict order give the same bytes
             if not isinstance(name, str) or not name:
                 raise ValueError(f"self-test {kind} names must be non-empty strings, not {name!r}")

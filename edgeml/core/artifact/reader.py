@@ -17,12 +17,14 @@ import numpy as np
 
 from .. import transfer
 from ..errors import InputError, VerificationError
+from . import selftest_data
 from .layout import (
     BASELINE,
     MANIFEST,
     MAX_ARTIFACT_BYTES,
     MAX_JSON_BYTES,
     MODEL_MEMBERS,
+    READABLE_VERSIONS,
     SCHEMA_VERSION,
     SELFTEST,
     SIGNATURE,
@@ -100,7 +102,7 @@ def parse(raw: bytes, path: Path, public_key: Optional["ed25519.Ed25519PublicKey
             f"{path}: the members check out but the ZIP container around them was changed "
             "(repacked or edited); do not deploy it, get the file edgeml wrote"
         )
-    inputs, outputs = _load_npz(contents[SELFTEST], path)
+    inputs, outputs, references = _load_selftest(contents[SELFTEST], manifest, path)
     return Artifact(
         path=path,
         manifest=manifest,
@@ -116,6 +118,7 @@ def parse(raw: bytes, path: Path, public_key: Optional["ed25519.Ed25519PublicKey
         content_size=len(data),
         compressed=raw is not data,
         content_sha256=sha256(data),
+        selftest_references=references,
     )
 
 
@@ -167,14 +170,15 @@ def _check_names(names: List[str], path: Path, damaged_edgeml: bool) -> None:
 
 def _check_schema(manifest: dict, path: Path) -> None:
     version = manifest.get("schema_version")
-    if version == SCHEMA_VERSION and type(version) is int:
+    if version in READABLE_VERSIONS and type(version) is int:
         return
     if isinstance(version, int) and not isinstance(version, bool) and version > SCHEMA_VERSION:
         raise VerificationError(
-            f"{path} has schema_version {version}, this edgeml reads {SCHEMA_VERSION}; upgrade edgeml to read it"
+            f"{path} has schema_version {version}, this edgeml reads up to {SCHEMA_VERSION}; upgrade edgeml to read it"
         )
     raise VerificationError(
-        f"{path} has unsupported schema_version {version!r} (this edgeml reads {SCHEMA_VERSION}); "
+        f"{path} has unsupported schema_version {version!r} (this edgeml reads "
+        f"{', '.join(map(str, READABLE_VERSIONS))}); "
         "re-create the artifact with this edgeml"
     )
 
@@ -270,8 +274,9 @@ def _check_signature(manifest_bytes: bytes, signer: str, signature: bytes, publi
         ) from exc
 
 
-def _load_npz(data: bytes, path: Path) -> Tuple[Dict[str, np.ndarray], Dict[str, np.ndarray]]:
-    arrays = {"input": {}, "output": {}}
+def _load_selftest(data: bytes, manifest: dict, path: Path):
+    """Decoded inputs, full references and compact references (see ``selftest_data``)."""
+    arrays = {"input": {}, "output": {}, "reference": {}}
     try:
         with zipfile.ZipFile(io.BytesIO(data)) as inner:
             if any(i.compress_type != zipfile.ZIP_STORED for i in inner.infolist()):
@@ -279,12 +284,22 @@ def _load_npz(data: bytes, path: Path) -> Tuple[Dict[str, np.ndarray], Dict[str,
         with np.load(io.BytesIO(data), allow_pickle=False) as npz:
             for key in npz.files:
                 kind, _, name = key.partition("/")
-                if kind not in arrays or not name:
+                if kind == "reference":
+                    part, _, name = name.partition("/")
+                    arrays[kind].setdefault(part, {})[name] = npz[key]
+                elif kind in arrays and name:
+                    arrays[kind][name] = npz[key]
+                else:
                     raise ValueError(f"unexpected array {key!r}")
-                arrays[kind][name] = npz[key]
+                if not name:
+                    raise ValueError(f"unexpected array {key!r}")
+        meta = selftest_data.section(manifest)
+        unpacked = selftest_data.unpack(arrays, meta)
+        if manifest["schema_version"] == 1 and selftest_data.is_compact(meta):
+            raise ValueError("its manifest has schema_version 1 but describes compact storage")
+        return unpacked
     except (zipfile.BadZipFile, ValueError, OSError, EOFError) as exc:
         raise VerificationError(f"{path}: {SELFTEST} cannot be read ({exc}); the file is damaged") from exc
-    return arrays["input"], arrays["output"]
 
 
 def _changed(path: Path, name: str, how: str) -> VerificationError:

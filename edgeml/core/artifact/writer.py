@@ -4,13 +4,14 @@ from __future__ import annotations
 import base64
 import logging
 from pathlib import Path
-from typing import TYPE_CHECKING, Dict
+from typing import Dict
 
 import numpy as np
 
 from .. import transfer
 from ..atomic import write_atomic
 from ..errors import InputError
+from . import selftest_data
 from .layout import (
     BASELINE,
     MANIFEST,
@@ -23,14 +24,10 @@ from .layout import (
     PathLike,
     canonical_json,
     json_member,
-    npz_bytes,
     sha256,
     zip_stored,
 )
 from .reader import parse
-
-if TYPE_CHECKING:
-    pass
 
 logger = logging.getLogger(__name__)
 
@@ -53,6 +50,11 @@ def write_artifact(
     this function sets ``schema_version``, ``format``, ``model_member`` and ``members`` in it,
     replacing any value the caller gave them. Self-test arrays are stored under sorted names.
 
+    ``selftest_inputs`` are the inputs as the model takes them and ``selftest_outputs`` the full
+    outputs on them. The manifest's ``selftest`` section may say that inputs are stored narrower
+    and outputs as compact references (``selftest_data``; ``edgeml.core.selftest.build_selftest``
+    chooses that within the size budget); the artifact then has schema version 2, else 1.
+
     ``private_key`` is an Ed25519 private key object or the path of ``signing.key``. Bad
     arguments (unknown format, NaN in the manifest or baseline, object arrays) raise ValueError;
     a key that is not Ed25519 raises KeyFileError. ``compress`` wraps the ZIP in a zstd frame. On any error nothing is left at ``path`` (an
@@ -67,14 +69,15 @@ def write_artifact(
     if not isinstance(manifest, dict) or not isinstance(baseline, dict):
         raise ValueError("manifest and baseline must be dicts")
     model_member = MODEL_MEMBERS[model_format]
+    meta = selftest_data.section(manifest)
     payload = {
         BASELINE: json_member(baseline, BASELINE),
-        SELFTEST: npz_bytes(selftest_inputs, selftest_outputs),
+        SELFTEST: selftest_data.pack(selftest_inputs, selftest_outputs, meta),
         model_member: bytes(model),
     }
     full = dict(manifest)
     full.update(
-        schema_version=SCHEMA_VERSION,
+        schema_version=SCHEMA_VERSION if selftest_data.is_compact(meta) else 1,
         format=model_format,
         model_member=model_member,
         members={n: {"sha256": sha256(b), "size": len(b)} for n, b in payload.items()},

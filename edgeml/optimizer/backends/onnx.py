@@ -11,7 +11,9 @@ QDQ ran as fast as the QOperator format there while staying portable to other ex
 """
 from __future__ import annotations
 
+import contextlib
 import logging
+import sys
 import tempfile
 from collections import Counter
 from pathlib import Path
@@ -22,9 +24,10 @@ import numpy as np
 from edgeml.core.data import Dataset
 from edgeml.core.errors import ConversionError, EdgemlError, UnsupportedModelError, UsageError, first_line
 from edgeml.core.native_output import captured_stderr
-from edgeml.core.runtime import load_runner
+from edgeml.core.runtime import FOLD_WEIGHTS_KEY, load_runner
 from edgeml.core.specs import TensorSpec
 
+from ..metrics import mask_iou
 from ..sources.base import SourceModel
 from ..sources.onnx_prepare import prepare, subgraphs
 from .base import RECIPES, Backend, BuildOptions, Candidate
@@ -37,9 +40,13 @@ MAX_STEP = 8  # most nodes one repair round may move to float
 LEAVE_ONE_OUT_MAX = 16  # weight ops a dynamic build may test one by one
 MAX_STALE_ROUNDS = 2  # stop when this many rounds in a row did not help
 MAX_REBUILDS = 8  # quantize-and-measure rounds an accuracy repair may spend
+PERCENTILE = 99.999  # of |activation|, the range a percentile calibration keeps
+SENSITIVITY_MAX = 200  # weights whose worth int8-weights measures one by one (most rounding error first)
+MIN_GAIN = 1e-3  # a score gain smaller than this (or a tenth of the way to the goal) is calibration noise
 FP16_MIN_ELEMENTS = 16  # smaller tensors (biases, scalars, shapes) stay float32
 FP16_MAX = 65504.0
-DYNAMIC_OPS = ("MatMul", "Gemm", "LSTM", "Conv")  # the last ones go back to float first
+INT8_WEIGHT_MIN_ELEMENTS = 256  # smaller weights stay float32: their scales would cost as much as they save
+DYNAMIC_OPS = ("MatMul", "Gemm", "Gather", "LSTM", "Conv")  # the last ones go back to float first; Gather: embedding tables
 WEIGHT_OPS = ("Conv", "ConvTranspose", "MatMul", "Gemm")
 QDQ_MARKERS = ("QuantizeLinear", "DequantizeLinear")
 INTEGER_OPS = ("MatMulInteger", "ConvInteger", "DynamicQuantizeMatMul", "DynamicQuantizeLSTM", "DynamicQuantizeLinear")
@@ -56,9 +63,10 @@ class OnnxBackend(Backend):
                              "or use the dynamic recipe, which needs none")
         feeds = list(iter_feeds(calibration, source.inputs)) if calibration is not None else []
         prepared, notes = self._prepared(source, calibration, feeds)
-        if recipe in ("dynamic", "int8"):
+        if recipe in ("dynamic", "int8", "int8-weights"):
             _require_quantizable(prepared, recipe)
-        build = {"fp32": _fp32, "float16": _float16, "dynamic": _dynamic, "int8": _int8}[recipe]
+        build = {"fp32": _fp32, "float16": _float16, "dynamic": _dynamic, "int8": _int8,
+                 "int8-weights": _int8_weights}[recipe]
         with tempfile.TemporaryDirectory(prefix="edgeml-onnx-") as workdir:
             candidate = build(_Job(source, prepared, feeds, options, Path(workdir)))
         before = len(candidate.model)
@@ -111,7 +119,8 @@ class _Job:
 
     def score(self, model_bytes: bytes) -> dict:
         runner = load_runner(model_bytes, "onnx", num_threads=1)
-        return agreement(self.reference, [runner.run(f) for f in self.feeds], self.batch_sizes)
+        return agreement(self.reference, [runner.run(f) for f in self.feeds], self.batch_sizes, self.options.kinds,
+                         self.options.threshold)
 
 
 # --- recipes ------------------------------------------------------------------------------------------
@@ -150,7 +159,9 @@ def _dynamic(job: _Job) -> Candidate:
         return _quantized_candidate("dynamic", model, [], None, notes)
     score = job.score(model)
     float_nodes: List[str] = []
-    candidates = [n.name for g in _all_graphs(job.prepared.graph) for n in g.node if n.op_type in op_types and n.name]
+    weights = {i.name for g in _all_graphs(job.prepared.graph) for i in g.initializer}
+    candidates = [n.name for g in _all_graphs(job.prepared.graph) for n in g.node
+                  if n.op_type in op_types and n.name and (n.op_type != "Gather" or n.input[0] in weights)]
     if score["score"] < goal(job.options) and 0 < len(candidates) <= LEAVE_ONE_OUT_MAX:
         # Few weight ops: measure each one left in float on its own, then keep the most
         # helpful ones in float until the goal is met.
@@ -164,19 +175,183 @@ def _dynamic(job: _Job) -> Candidate:
             model = _quantizer_call("dynamic", lambda: quantize(op_types, float_nodes))
             score = job.score(model)
         log.debug("dynamic: %d nodes in float, score %.4f", len(float_nodes), score["score"])
-    # Otherwise drop whole op types, convolutions first (dynamic quantization scales a conv's
-    # input per tensor at run time, the usual culprit).
-    while score["score"] < goal(job.options) and len(op_types) > 1:
-        dropped = op_types.pop(-1)
-        float_nodes = []
-        notes.append(f"kept {dropped} ops in float: score was {score['score']:.4f} with them quantized")
-        model = _quantizer_call("dynamic", lambda: quantize(op_types, []))
-        score = job.score(model)
+    # Otherwise try whole op types in float, convolutions first (dynamic quantization scales a
+    # conv's input per tensor at run time, the usual culprit); a type stays in float only when
+    # that measurably helps, so an embedding table is not given up for nothing.
+    present = {n.op_type for g in _all_graphs(job.prepared.graph) for n in g.node}
+    for dropped in [t for t in reversed(op_types[1:]) if t in present]:
+        if score["score"] >= goal(job.options):
+            break
+        fewer = [t for t in op_types if t != dropped]
+        trial = _quantizer_call("dynamic", lambda: quantize(fewer, float_nodes))
+        trial_score = job.score(trial)
+        if trial_score["score"] - score["score"] >= max(MIN_GAIN, 0.1 * (goal(job.options) - score["score"])):
+            notes.append(f"kept {dropped} ops in float: score {trial_score['score']:.4f}, against {score['score']:.4f} "
+                         "with them quantized")
+            op_types, model, score = fewer, trial, trial_score
     if float_nodes:
         notes.append(f"kept {len(float_nodes)} nodes in float (score {score['score']:.4f}): {', '.join(float_nodes[:6])}")
     if score["score"] < goal(job.options):
         notes.append(f"score {score['score']:.4f} on the calibration data is below the goal {goal(job.options):.4f}")
     return _quantized_candidate("dynamic", model, float_nodes, score, notes)
+
+
+def _equal_batches(job: _Job) -> List[dict]:
+    """The calibration feeds of the first feed's batch size: ORT's histogram calibrators stack
+    every batch into one array and crash on a smaller last one ("inhomogeneous shape")."""
+    if not job.feeds:
+        return []
+    return [f for f, n in zip(job.feeds, job.batch_sizes) if n == job.batch_sizes[0]]
+
+
+def _int8_weights(job: _Job) -> Candidate:
+    """Weight-only int8: every weight of a Conv, MatMul, Gemm or embedding Gather stored as int8
+    with a scale per output channel (per row for an embedding table), dequantized to float32
+    when the model loads; every op computes in float. A quarter of the bytes at float speed and
+    close to float accuracy, where activation quantization (int8, dynamic) loses too much.
+
+    Below the goal, each weight's worth is measured: the score with only that weight left in
+    float32. The most helpful ones stay float32, 1, 2, 4... of them, until the goal is met (on
+    PP-OCR's text detector, two small early convolutions carry most of the loss)."""
+    import onnx
+
+    def build(keep_float: Sequence[str]) -> tuple:
+        model = onnx.ModelProto()
+        model.CopyFrom(job.prepared)
+        count = _weights_to_int8(model.graph, set(keep_float))
+        # ONNX Runtime keeps a DequantizeLinear in front of a weight (to fuse it into int8
+        # kernels) and would dequantize it at every run: this mark has the runtime fold it at load.
+        onnx.helper.set_model_props(model, {FOLD_WEIGHTS_KEY: "1"})
+        return model.SerializeToString(), count
+
+    model, count = build([])
+    notes: List[str] = []
+    score, kept, rounds = None, [], 0
+    if job.feeds:
+        target = goal(job.options)
+        score = job.score(model)
+        if score["score"] < target:
+            weights = _int8_weight_names(job.prepared.graph)[:SENSITIVITY_MAX]
+            gain = {w: job.score(build([w])[0])["score"] - score["score"] for w in weights}
+            helpful = [w for w in sorted(weights, key=lambda w: -gain[w]) if gain[w] > 0]
+            log.debug("int8-weights: %.4f; best single float weights %s", score["score"],
+                      [(w, round(gain[w], 4)) for w in helpful[:6]])
+            best = (score, model, count, [])
+            k = 1
+            while best[0]["score"] < target and k <= len(helpful) and rounds < MAX_REBUILDS:
+                trial, trial_count = build(helpful[:k])
+                trial_score = job.score(trial)
+                rounds += 1
+                if trial_score["score"] > best[0]["score"]:
+                    best = (trial_score, trial, trial_count, helpful[:k])
+                k *= 2
+            score, model, count, kept = best
+        if kept:
+            notes.append(f"kept {len(kept)} weights in float32, the ones the score gained most from "
+                         f"(score {score['score']:.4f}): " + ", ".join(kept[:6]) +
+                         (f" and {len(kept) - 6} more" if len(kept) > 6 else ""))
+        if score["score"] < target:
+            notes.append(f"score {score['score']:.4f} on the calibration data is below the goal {target:.4f}")
+    notes.insert(0, f"stored {count} weight tensors as int8 with per-channel scales (float compute)")
+    candidate = _quantized_candidate("int8-weights", model, kept, score, notes, rounds=rounds)
+    candidate.details["int8_weights"] = count
+    return candidate
+
+
+def _int8_weight_names(graph) -> List[str]:
+    """The main graph's weights that int8-weights stores as int8, largest relative rounding error first."""
+    from onnx import TensorProto, numpy_helper
+
+    axes = _weight_axes(graph)
+    errors = {}
+    for t in graph.initializer:
+        if t.name in axes and t.data_type == TensorProto.FLOAT and int(np.prod(t.dims)) >= INT8_WEIGHT_MIN_ELEMENTS:
+            w = numpy_helper.to_array(t).astype(np.float32)
+            if axes[t.name] < 0 or not np.all(np.isfinite(w)):
+                errors[t.name] = 0.0
+                continue
+            scale, q = _int8_per_channel(w, axes[t.name])
+            shape = [1] * w.ndim
+            shape[axes[t.name]] = -1
+            errors[t.name] = float(np.linalg.norm(q * scale.reshape(shape) - w) / max(np.linalg.norm(w), 1e-30))
+    return sorted(errors, key=lambda n: -errors[n])
+
+
+def _weight_axes(graph) -> Dict[str, int]:
+    """Initializer -> the axis of its output channels, for weights of ops that carry them."""
+    inits = {t.name: len(t.dims) for t in graph.initializer}
+    axes: Dict[str, int] = {}
+    for node in graph.node:
+        attrs = {a.name: a for a in node.attribute}
+        if node.op_type == "Conv" and len(node.input) > 1:
+            name, axis = node.input[1], 0  # [O, I, k...]
+        elif node.op_type == "ConvTranspose" and len(node.input) > 1:
+            name, axis = node.input[1], 1  # [I, O/group, k...]
+        elif node.op_type == "MatMul" and len(node.input) > 1 and node.input[1] in inits:
+            name, axis = node.input[1], inits[node.input[1]] - 1  # [..., K, N]: per output column
+        elif node.op_type == "Gemm" and len(node.input) > 1:
+            trans_b = attrs["transB"].i if "transB" in attrs else 0
+            name, axis = node.input[1], 0 if trans_b else 1
+        elif node.op_type == "Gather" and node.input and node.input[0] in inits:
+            name, axis = node.input[0], 0  # an embedding table: a scale per row
+        else:
+            continue
+        if name in inits and inits[name] >= 1:
+            # shared by ops that read it along different axes: one scale for the tensor
+            axes[name] = axis if axes.get(name, axis) == axis else -1
+    return axes
+
+
+def _weights_to_int8(graph, keep_float: frozenset = frozenset()) -> int:
+    """Replace large float32 weights (but those in ``keep_float``) with int8 + scale and a
+    DequantizeLinear in front."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    count = 0
+    for node in graph.node:
+        for g in subgraphs(node):
+            count += _weights_to_int8(g, keep_float)
+    axes, inputs = _weight_axes(graph), {i.name for i in graph.input}
+    dequantize = []
+    for tensor in graph.initializer:
+        axis = axes.get(tensor.name)
+        if axis is None or tensor.data_type != TensorProto.FLOAT or tensor.name in inputs or tensor.name in keep_float:
+            continue
+        w = numpy_helper.to_array(tensor).astype(np.float32)
+        if w.size < INT8_WEIGHT_MIN_ELEMENTS or not np.all(np.isfinite(w)):
+            continue
+        name = tensor.name
+        if axis < 0 or w.ndim == 0:
+            scale = np.asarray(max(float(np.max(np.abs(w))), 1e-30) / 127.0, np.float32)
+            q = np.clip(np.round(w / scale), -127, 127).astype(np.int8)
+            zero = np.asarray(0, np.int8)
+            attrs = {}
+        else:
+            scale, q = _int8_per_channel(w, axis)
+            zero = np.zeros(scale.shape, np.int8)
+            attrs = {"axis": axis}
+        tensor.CopyFrom(numpy_helper.from_array(q, f"{name}__int8"))
+        graph.initializer.extend([numpy_helper.from_array(scale, f"{name}__scale"),
+                                  numpy_helper.from_array(zero, f"{name}__zero")])
+        dequantize.append(helper.make_node("DequantizeLinear", [tensor.name, f"{name}__scale", f"{name}__zero"], [name],
+                                           name=f"{name}__dequantize", **attrs))
+        count += 1
+    nodes = dequantize + list(graph.node)  # first keeps the graph topologically sorted
+    del graph.node[:]
+    graph.node.extend(nodes)
+    return count
+
+
+def _int8_per_channel(w: np.ndarray, axis: int) -> tuple:
+    """Symmetric int8 with a scale per channel along ``axis`` (its largest |weight| is 127).
+    Clipping ranges chosen for the least squared error were tried and measured: on PP-OCR's
+    convolutions they picked the full range on every channel (int8 steps are already fine)."""
+    reduce = tuple(i for i in range(w.ndim) if i != axis)
+    scale = (np.max(np.abs(w), axis=reduce) / 127.0).astype(np.float32)
+    scale[scale == 0] = 1.0
+    shape = [1] * w.ndim
+    shape[axis] = -1
+    return scale, np.clip(np.round(w / scale.reshape(shape)), -127, 127).astype(np.int8)
 
 
 def _all_graphs(graph):
@@ -187,11 +362,13 @@ def _all_graphs(graph):
 
 
 def _int8(job: _Job) -> Candidate:
-    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType, quantize_static
+
+    method = CalibrationMethod.MinMax
 
     class Reader(CalibrationDataReader):
         def __init__(self):
-            self._feeds = iter(job.feeds)
+            self._feeds = iter(job.feeds if method == CalibrationMethod.MinMax else _equal_batches(job))
 
         def get_next(self):
             return next(self._feeds, None)
@@ -200,7 +377,8 @@ def _int8(job: _Job) -> Candidate:
         out = job.workdir / "int8.onnx"
         quantize_static(job.prepared_path, out, Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
                         reduce_range=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                        nodes_to_exclude=list(exclude), op_types_to_quantize=list(op_types) if op_types else None)
+                        nodes_to_exclude=list(exclude), op_types_to_quantize=list(op_types) if op_types else None,
+                        calibrate_method=method, extra_options={"CalibPercentile": PERCENTILE})
         return out.read_bytes()
 
     target = goal(job.options)
@@ -210,6 +388,22 @@ def _int8(job: _Job) -> Candidate:
                               "use the dynamic recipe for this model")
     notes: List[str] = []
     score = job.score(model)
+    calibration = {"tried": ["min-max"], "kept": "min-max"}
+    if score["score"] < target and len(_equal_batches(job)) > 0:
+        # Min-max ranges stretch to the rarest activation; a percentile range clips those few
+        # and gives the rest finer steps. Measured, and kept only when it scores better.
+        method = CalibrationMethod.Percentile
+        clipped = _quantizer_call("int8", lambda: quantize([]))
+        clipped_score = job.score(clipped)
+        log.debug("int8: min-max %.4f, percentile %.4f", score["score"], clipped_score["score"])
+        calibration["tried"].append("percentile")
+        if clipped_score["score"] > score["score"]:
+            notes.append(f"calibrated with the {PERCENTILE}th percentile: score {clipped_score['score']:.4f}, "
+                         f"against {score['score']:.4f} with min-max ranges")
+            model, score = clipped, clipped_score
+            calibration["kept"] = "percentile"
+        else:
+            method = CalibrationMethod.MinMax
     op_types: Optional[List[str]] = None
     if score["score"] < target:
         # Elementwise chains (layer norms, hard-swish, GELU) are where int8 usually breaks and they
@@ -250,23 +444,29 @@ def _int8(job: _Job) -> Candidate:
     if score["score"] < goal(job.options):
         notes.append(f"score {score['score']:.4f} on the calibration data is below the goal {goal(job.options):.4f} "
                      f"after {rounds} repair rounds")
-    return _quantized_candidate("int8", model, kept, score, notes, rounds=rounds)
+    candidate = _quantized_candidate("int8", model, kept, score, notes, rounds=rounds)
+    candidate.details["calibration"] = calibration
+    return candidate
 
 
 # --- accuracy ------------------------------------------------------------------------------------------
 
 
-def agreement(reference: List[dict], candidate: List[dict], batch_sizes: Optional[List[int]] = None) -> dict:
-    """Compare outputs batch by batch: top-1 agreement for classifier outputs ([N, C] or
-    [N, T, C] floats), cosine similarity and max abs error for every float output.
+def agreement(reference: List[dict], candidate: List[dict], batch_sizes: Optional[List[int]] = None,
+              kinds: Optional[Dict[str, str]] = None, threshold: float = 0.5) -> dict:
+    """Compare outputs batch by batch, each by its task (``kinds``, edgeml.optimizer.metrics):
+    top-1 agreement for class scores ([N, C] or [N, T, C] floats), mask IoU for probability
+    maps, cosine similarity and max abs error for every float output.
 
-    ``score`` is what a build must push above its goal: for classifiers the share of samples
+    ``score`` is what a build must push above its goal: for class scores the share of samples
     that keep the float top-1 class with at least half of the float top-1/top-2 margin left (a
-    sample whose margin quantization nearly used up flips on the next, similar input), else the
-    worst cosine similarity. With ``batch_sizes``, an output only counts as a classifier when its
-    first axis is the batch (a recurrent state [2, N, 128] is not one)."""
+    sample whose margin quantization nearly used up flips on the next, similar input), for maps
+    the IoU; outputs of those kinds decide, else the worst cosine (or 1 - relative error). Without
+    ``kinds``, an output counts as class scores when it has their shape and, with
+    ``batch_sizes``, its first axis is the batch (a recurrent state [2, N, 128] is not one)."""
     top1: Dict[str, List[np.ndarray]] = {}
     robust: Dict[str, List[np.ndarray]] = {}
+    ious: Dict[str, List[float]] = {}
     dots: Dict[str, List[float]] = {}
     max_abs = 0.0
     for k, (ref, got) in enumerate(zip(reference, candidate)):
@@ -275,9 +475,13 @@ def agreement(reference: List[dict], candidate: List[dict], batch_sizes: Optiona
             if a.dtype.kind != "f":
                 continue
             batched = batch_sizes is None or a.shape[:1] == (batch_sizes[k],)
-            if a.ndim in (2, 3) and a.shape[-1] > 1 and batched:
+            scores = a.ndim in (2, 3) and a.shape[-1] > 1 and batched
+            kind = kinds.get(name, "cosine") if kinds else ("agreement" if scores else "cosine")
+            if kind in ("accuracy", "agreement", "sequence") and scores:
                 top1.setdefault(name, []).append((a.argmax(-1) == b.argmax(-1)).ravel())
                 robust.setdefault(name, []).append(_keeps_margin(a, b).ravel())
+            elif kind == "iou" and batched:
+                ious.setdefault(name, []).extend([mask_iou(a[i:i + 1], b[i:i + 1], threshold) for i in range(len(a))])
             a64, b64 = a.astype(np.float64).ravel(), b.astype(np.float64).ravel()
             acc = dots.setdefault(name, [0.0, 0.0, 0.0])
             acc[0] += float(a64 @ b64)
@@ -287,10 +491,17 @@ def agreement(reference: List[dict], candidate: List[dict], batch_sizes: Optiona
                 max_abs = max(max_abs, float(np.max(np.abs(a64 - b64))))
     agree = {k: float(np.concatenate(v).mean()) for k, v in top1.items()}
     kept = {k: float(np.concatenate(v).mean()) for k, v in robust.items()}
+    iou = {k: float(np.mean(v)) for k, v in ious.items()}
     cosine = {k: (1.0 if v[1] == v[2] == 0 else v[0] / max(np.sqrt(v[1] * v[2]), 1e-30)) for k, v in dots.items()}
-    score = min(kept.values()) if kept else min(cosine.values(), default=1.0)
-    return {"score": float(score), "top1": agree, "margin_kept": kept, "cosine": cosine, "max_abs_error": max_abs,
-            "agreement": min(agree.values()) if agree else None}
+    relative = {k: (0.0 if v[1] == 0 and v[2] == 0 else
+                    float(np.sqrt(max(v[1] - 2 * v[0] + v[2], 0.0)) / np.sqrt(v[1])) if v[1] > 0 else 1.0)
+                for k, v in dots.items()}
+    deciding = list(kept.values()) + list(iou.values())
+    if not deciding:
+        deciding = [1.0 - relative[k] if kinds and kinds.get(k) == "relative-error" else c for k, c in cosine.items()]
+    score = min(deciding, default=1.0)
+    return {"score": float(score), "top1": agree, "margin_kept": kept, "iou": iou, "cosine": cosine,
+            "relative_error": relative, "max_abs_error": max_abs, "agreement": min(agree.values()) if agree else None}
 
 
 def _keeps_margin(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -497,7 +708,9 @@ def _quantizer_call(recipe: str, call: Callable[[], bytes]) -> bytes:
     quiet = _DropRootRecords()
     root.addFilter(quiet)
     try:
-        with captured_stderr():  # ORT's C++ warnings from the sessions the quantizer opens
+        # ORT's C++ warnings from the sessions the quantizer opens; its histogram calibrators
+        # print progress on stdout, which belongs to --json
+        with captured_stderr(), contextlib.redirect_stdout(sys.stderr):
             return call()
     except EdgemlError:
         raise

@@ -24,7 +24,7 @@ from edgeml.core.data import Dataset, match_inputs
 from edgeml.core.errors import ConversionError, UnsupportedModelError, UsageError
 
 from ..sources.base import SourceModel
-from .base import NEEDS_CALIBRATION, RECIPES, Backend, BuildOptions, Candidate
+from .base import NEEDS_CALIBRATION, ONNX_ONLY, RECIPES, Backend, BuildOptions, Candidate
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +46,9 @@ class TFLiteBackend(Backend):
             raise UsageError("ONNX models are optimized to .onnx; drop --format tflite")
         if recipe not in RECIPES:
             raise UsageError(f"unknown recipe {recipe!r}; choose one of {', '.join(RECIPES)}")
+        if recipe in ONNX_ONLY:
+            raise UsageError(f"the {recipe} recipe builds ONNX models; add --format onnx, or use dynamic, which "
+                             "stores int8 weights in a TFLite model too")
         if recipe in NEEDS_CALIBRATION and calibration is None:
             raise UsageError(f"the {recipe} recipe needs calibration data; pass --calibration data.npz")
         if calibration is not None and recipe in NEEDS_CALIBRATION:

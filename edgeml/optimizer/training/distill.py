@@ -6,13 +6,20 @@ Training uses Keras 3's ``Distiller`` with ``LogitsDistillation`` (Hinton et al.
 ``LogitsDistillation`` divides its inputs by T and applies the softmax itself, so it needs class
 scores (logits): a softmax output is trained through log-probabilities, which give the same
 tempered softmax (softmax(log p / T) == softmax(z / T)). Every check runs before the first epoch.
+
+A teacher does not always help: one no better than what the student reaches alone pulls it down
+to its own level. So, unless told not to, the stage also trains the same student (architecture,
+initial weights, seed, epochs, optimizer) on the labels alone and keeps whichever scores higher on
+eval, saying which. Both runs are seeded and run with TensorFlow's op determinism, so a seed gives
+the same student every time.
 """
 from __future__ import annotations
 
+import logging
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING, Dict, Optional
 
 from edgeml.core.data import Dataset
 from edgeml.core.errors import InputError, UsageError, first_line
@@ -24,6 +31,7 @@ from .keras_train import (
     TrainSettings,
     check_labels_fit,
     count_params,
+    deterministic,
     first_output,
     keras_x,
     loss_for,
@@ -35,6 +43,8 @@ from .keras_train import (
 if TYPE_CHECKING:
     import keras
 
+log = logging.getLogger(__name__)
+
 WIDTH_KEYS = ("filters", "units", "output_dim")  # config keys that set a layer's output width
 LOG_FLOOR = 1e-30  # keeps log(p) finite where a float32 softmax underflows, far below any class that matters
 
@@ -45,19 +55,56 @@ class DistillSettings:
     student_width: Optional[float] = None  # a width multiplier in (0, 1) applied to the teacher's architecture
     temperature: float = 4.0
     alpha: float = 0.1  # weight of the hard-label loss; the distillation loss gets 1 - alpha
+    baseline: bool = True  # also train the student on labels alone and keep the better of the two on eval
     train: TrainSettings = field(default_factory=lambda: TrainSettings(epochs=30))
 
 
 @dataclass
+class TrainingRun:
+    """One way the student was trained: ``distilled`` (teacher and labels) or ``labels`` (labels alone)."""
+
+    score: float  # keras_train.score on eval of its best epoch, which it was restored to
+    epochs_run: int
+    best_epoch: int  # 1-based, like on_epoch's epoch
+    history: dict  # per epoch: eval_score and Keras' losses
+
+
+@dataclass
 class DistillResult:
-    student: "keras.Model"  # a plain model with the teacher's inputs and outputs
+    student: "keras.Model"  # a plain model with the teacher's inputs and outputs: the kept run's
     teacher_params: int
     student_params: int
     teacher_score: float  # keras_train.score on eval: accuracy
-    student_score: float
-    epochs_run: int
-    best_epoch: int  # 1-based, like on_epoch's epoch; the student holds this epoch's weights
-    history: dict  # per epoch: eval_score and the Distiller's losses
+    student_score: float  # the kept student's
+    kept: str  # "distilled", or "labels" when the student trained on labels alone scored higher
+    runs: Dict[str, TrainingRun]  # "distilled" and, with settings.baseline, "labels"
+
+    @property
+    def epochs_run(self) -> int:
+        return self.runs[self.kept].epochs_run
+
+    @property
+    def best_epoch(self) -> int:  # the student holds this epoch's weights
+        return self.runs[self.kept].best_epoch
+
+    @property
+    def history(self) -> dict:
+        return self.runs[self.kept].history
+
+    def details(self) -> dict:
+        """What a report shows: which student was kept and both scores (``labels`` is None without a baseline)."""
+        labels = self.runs.get("labels")
+        return {"kept": self.kept, "distilled_score": self.runs["distilled"].score,
+                "labels_only_score": labels.score if labels else None}
+
+    def summary(self) -> str:
+        distilled, labels = self.runs["distilled"].score, self.runs.get("labels")
+        if labels is None:
+            return f"distilled student: eval {distilled:.4f} (no label-only baseline trained)"
+        if self.kept == "labels":
+            return (f"kept the student trained on labels alone (eval {labels.score:.4f}): the distilled one scored "
+                    f"{distilled:.4f}, so the teacher did not help this student")
+        return f"kept the distilled student (eval {distilled:.4f}; the same student on labels alone: {labels.score:.4f})"
 
 
 def check_settings(settings: DistillSettings) -> None:
@@ -166,49 +213,113 @@ def distill(teacher, train_ds: Dataset, eval_ds: Dataset, settings: DistillSetti
             on_epoch: Optional[EpochHook] = None) -> DistillResult:
     """Train the student on ``train_ds`` against the frozen teacher; keep its best epoch on ``eval_ds``.
 
-    ``on_epoch(epoch, epochs, eval_score)`` runs after each epoch. The teacher is left as it was.
+    With ``settings.baseline`` the same student is then trained on the labels alone, and the one of
+    the two that scores higher on ``eval_ds`` is returned (the distilled one on a tie).
+    ``on_epoch(epoch, epochs, eval_score)`` runs after each epoch of both runs, numbered on from
+    one run to the next. The teacher is left as it was.
     """
     import keras
 
     check_settings(settings)
     train = settings.train
-    keras.utils.set_random_seed(train.seed)  # before make_student: its fresh weights are seeded too
-    if settings.student is not None:
-        student = load_student(settings.student, teacher)
-    else:
-        student = make_student(teacher, settings.student_width)
-    kind, task = _check_data(teacher, student, train_ds, eval_ds)
-    student_eval = _for_student(eval_ds, teacher, student)
+    with deterministic(train.seed):  # before the student is built: its fresh weights are seeded too
+        student = _new_student(teacher, settings)
+        kind, task = _check_data(teacher, student, train_ds, eval_ds)
+        student_eval = _for_student(eval_ds, teacher, student)
+        progress = _Progress(on_epoch, train.epochs * (2 if settings.baseline else 1))
+        runs = {"distilled": _train_distilled(teacher, student, train_ds, student_eval, kind, task, settings,
+                                              progress)}
+        students = {"distilled": student}
+        if settings.baseline:
+            keras.utils.set_random_seed(train.seed)  # so it starts from the distilled student's initial weights
+            students["labels"] = _new_student(teacher, settings)
+            runs["labels"] = _train_on_labels(students["labels"], _for_student(train_ds, teacher, student),
+                                              student_eval, kind, task, train, progress)
+        kept = "labels" if "labels" in runs and runs["labels"].score > runs["distilled"].score else "distilled"
+        result = DistillResult(
+            student=students[kept],
+            teacher_params=count_params(teacher),
+            student_params=count_params(students[kept]),
+            teacher_score=score(teacher, eval_ds),
+            student_score=runs[kept].score,
+            kept=kept,
+            runs=runs,
+        )
+    (log.warning if kept == "labels" else log.info)("distill: %s", result.summary())
+    return result
 
+
+def _new_student(teacher, settings: DistillSettings):
+    if settings.student is not None:
+        return load_student(settings.student, teacher)
+    return make_student(teacher, settings.student_width)
+
+
+class _Progress:
+    """Numbers the epochs of consecutive runs on from each other for ``on_epoch``."""
+
+    def __init__(self, on_epoch: Optional[EpochHook], epochs: int):
+        self.on_epoch, self.epochs, self.done = on_epoch, epochs, 0
+
+    def hook(self) -> Optional[EpochHook]:
+        if self.on_epoch is None:
+            return None
+        start = self.done
+        return lambda epoch, _, value: self.on_epoch(start + epoch, self.epochs, value)
+
+    def finished(self, keeper: KeepBest) -> None:
+        self.done += len(keeper.history)
+
+
+def _train_distilled(teacher, student, train_ds: Dataset, student_eval: Dataset, kind: str, task: str,
+                     settings: DistillSettings, progress: _Progress) -> TrainingRun:
+    train = settings.train
     # the callback's model is the Distiller; KeepBest keeps and restores the student's weights only
     keeper = KeepBest(student, lambda: score(student, student_eval), train.patience,
-                      on_epoch=on_epoch, epochs=train.epochs)
+                      on_epoch=progress.hook(), epochs=train.epochs)
     with _restored_trainable(teacher):
         distiller = _distiller(teacher, student, kind == "probabilities", task, settings)
         fit = distiller.fit(
             _positional(keras_x(teacher, train_ds)), train_ds.labels, epochs=train.epochs,
             batch_size=train.batch_size, shuffle=True, verbose=0, callbacks=[keeper.callback()],
         )
+    return _finished(keeper, student_eval, fit.history, progress)
+
+
+def _train_on_labels(student, train_ds: Dataset, student_eval: Dataset, kind: str, task: str,
+                     train: TrainSettings, progress: _Progress) -> TrainingRun:
+    """The student as anyone would train it without a teacher: Adam, the label loss, the same epochs."""
+    import keras
+
+    # a view, so the student itself stays uncompiled like the distilled one (no optimizer state saved)
+    view = _training_view(student, log_probs=False)
+    view.compile(optimizer=keras.optimizers.Adam(train.learning_rate), loss=loss_for(task, kind))
+    keeper = KeepBest(student, lambda: score(student, student_eval), train.patience,
+                      on_epoch=progress.hook(), epochs=train.epochs)
+    fit = view.fit(_positional(keras_x(student, train_ds)), train_ds.labels, epochs=train.epochs,
+                   batch_size=train.batch_size, shuffle=True, verbose=0, callbacks=[keeper.callback()])
+    return _finished(keeper, student_eval, fit.history, progress)
+
+
+def _finished(keeper: KeepBest, student_eval: Dataset, history: dict, progress: _Progress) -> TrainingRun:
     keeper.restore()
-    return DistillResult(
-        student=student,
-        teacher_params=count_params(teacher),
-        student_params=count_params(student),
-        teacher_score=score(teacher, eval_ds),
-        student_score=score(student, student_eval),
-        epochs_run=len(keeper.history),
-        best_epoch=keeper.best_epoch + 1,
-        history={"eval_score": keeper.history, **fit.history},
-    )
+    progress.finished(keeper)
+    return TrainingRun(score=score(keeper.model, student_eval), epochs_run=len(keeper.history),
+                       best_epoch=keeper.best_epoch + 1, history={"eval_score": keeper.history, **history})
 
 
 def _distiller(teacher, student, log_probs: bool, task: str, settings: DistillSettings):
     import keras
 
+    # the loss as an instance: given as the string "kl_divergence" (LogitsDistillation's default),
+    # keras.losses.get returns the plain function, which LogitsDistillation does not recognise as KL, so
+    # it skips the tempered softmax and T**2 and takes the KL of the raw scores clipped to [1e-7, 1]:
+    # noise for logits, exactly 0 for log-probabilities (all below 0), i.e. no teacher at all
     distiller = keras.distillation.Distiller(
         teacher=_training_view(teacher, log_probs),
         student=_training_view(student, log_probs),
-        distillation_losses=keras.distillation.LogitsDistillation(temperature=settings.temperature),
+        distillation_losses=keras.distillation.LogitsDistillation(
+            temperature=settings.temperature, loss=keras.losses.KLDivergence()),
         student_loss_weight=settings.alpha,  # Keras weighs the distillation loss by 1 - this
     )
     # the views output logits (or log-probabilities), so the label loss takes them as logits

@@ -7,8 +7,9 @@ Everything here runs on Keras 3 with the TensorFlow backend; import it only on t
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Callable, Iterator, Optional
 
 import numpy as np
 
@@ -28,6 +29,34 @@ class TrainSettings:
     patience: int = 3  # epochs without a better eval score before stopping
     seed: int = 0
     loss: Optional[str] = None  # a Keras loss name; default: inferred from the labels and outputs
+
+
+@contextmanager
+def deterministic(seed: int) -> Iterator[None]:
+    """Seed Python, NumPy, TensorFlow and Keras with ``seed`` and run TensorFlow's ops deterministically inside.
+
+    Seeds alone leave some kernels free to sum in any order (on GPUs above all), so the same seed could
+    give another model; ``tf.config.experimental.enable_op_determinism`` pins them. TensorFlow has no
+    public switch back, so the previous state is restored through its internal ``config`` module (when
+    that module is missing, determinism stays on for the rest of the process).
+    """
+    import keras
+
+    from ..sources.tensorflow import import_tensorflow
+
+    tf = import_tensorflow()
+    try:
+        from tensorflow.python.framework import config as tf_config  # no public getter or off switch
+        was_on = tf_config.is_op_determinism_enabled()
+    except (ImportError, AttributeError):
+        tf_config, was_on = None, True
+    keras.utils.set_random_seed(seed)
+    tf.config.experimental.enable_op_determinism()
+    try:
+        yield
+    finally:
+        if not was_on:
+            tf_config.disable_op_determinism()
 
 
 def require_labels(ds: Dataset, role: str, spec: str = "") -> np.ndarray:
