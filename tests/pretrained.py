@@ -285,9 +285,12 @@ def export_minilm(path: Path) -> Path:
 
     x = {k: torch.from_numpy(v) for k, v in minilm_inputs(2, seed=0).items()}
     batch = torch.export.Dim("batch", min=1, max=1024)
-    torch.onnx.export(SentenceEncoder(bert).eval(), (x["input_ids"], x["attention_mask"]), str(path),
-                      input_names=["input_ids", "attention_mask"], output_names=["sentence_embedding"],
-                      dynamic_shapes={"input_ids": {0: batch}, "attention_mask": {0: batch}})
+    import contextlib
+
+    with contextlib.redirect_stdout(sys.stderr):  # the exporter reports its steps on stdout
+        torch.onnx.export(SentenceEncoder(bert).eval(), (x["input_ids"], x["attention_mask"]), str(path),
+                          input_names=["input_ids", "attention_mask"], output_names=["sentence_embedding"],
+                          dynamic_shapes={"input_ids": {0: batch}, "attention_mask": {0: batch}})
     return path
 
 
