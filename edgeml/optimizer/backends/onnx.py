@@ -1,4 +1,4 @@
-"""The ONNX backend: fp32, float16, dynamic and static int8 models for ONNX Runtime.
+"""The ONNX backend: fp32, float16, dynamic, static int8 and int8-weights models for ONNX Runtime.
 
 Every recipe starts from ``edgeml.optimizer.sources.onnx_prepare.prepare`` (real exports are not quantizable as
 they are). Quantized builds are then measured against the source model on the calibration data,
@@ -33,6 +33,7 @@ from ..sources.base import SourceModel
 from ..sources.onnx_prepare import prepare, subgraphs
 from .base import RECIPES, Backend, BuildOptions, Candidate
 from .onnx_compact import compact_names
+from .onnx_weights import int8_weight_names, weights_to_float16, weights_to_int8
 
 log = logging.getLogger(__name__)
 
@@ -46,9 +47,6 @@ SENSITIVITY_MAX = 200  # weights whose worth int8-weights measures one by one (m
 SENSITIVITY_BUDGET_S = 180.0  # and the time it may spend on that
 INT8_CLASS = 0.45  # of the float bytes: what int8-weights may grow to by keeping weights float32
 MIN_GAIN = 1e-3  # a score gain smaller than this (or a tenth of the way to the goal) is calibration noise
-FP16_MIN_ELEMENTS = 16  # smaller tensors (biases, scalars, shapes) stay float32
-FP16_MAX = 65504.0
-INT8_WEIGHT_MIN_ELEMENTS = 256  # smaller weights stay float32: their scales would cost as much as they save
 DYNAMIC_OPS = ("MatMul", "Gemm", "Gather", "LSTM", "Conv")  # the last ones go back to float first; Gather: embedding tables
 WEIGHT_OPS = ("Conv", "ConvTranspose", "MatMul", "Gemm")
 QDQ_MARKERS = ("QuantizeLinear", "DequantizeLinear")
@@ -138,7 +136,7 @@ def _float16(job: _Job) -> Candidate:
 
     model = onnx.ModelProto()
     model.CopyFrom(job.prepared)
-    count = _weights_to_float16(model.graph)
+    count = weights_to_float16(model.graph)
     return Candidate("float16", "onnx", model.SerializeToString(),
                      notes=[f"stored {count} weight tensors as float16 (cast back to float32 when loaded)"],
                      details={"float16_weights": count})
@@ -221,7 +219,7 @@ def _int8_weights(job: _Job) -> Candidate:
     def build(keep_float: Sequence[str]) -> tuple:
         model = onnx.ModelProto()
         model.CopyFrom(job.prepared)
-        count = _weights_to_int8(model.graph, set(keep_float))
+        count = weights_to_int8(model.graph, set(keep_float))
         # ONNX Runtime keeps a DequantizeLinear in front of a weight (to fuse it into int8
         # kernels) and would dequantize it at every run: this mark has the runtime fold it at load.
         onnx.helper.set_model_props(model, {FOLD_WEIGHTS_KEY: "1"})
@@ -238,7 +236,7 @@ def _int8_weights(job: _Job) -> Candidate:
         limit = INT8_CLASS * job.prepared.ByteSize()
         score = job.score(model)
         if score["score"] < target:
-            weights = _int8_weight_names(job.prepared.graph)[:SENSITIVITY_MAX]
+            weights = int8_weight_names(job.prepared.graph)[:SENSITIVITY_MAX]
             gain, started = {}, time.monotonic()
             for w in weights:  # most rounding error first, so a spent time budget skips the least likely
                 gain[w] = job.score(build([w])[0])["score"] - score["score"]
@@ -271,102 +269,6 @@ def _int8_weights(job: _Job) -> Candidate:
     candidate = _quantized_candidate("int8-weights", model, kept, score, notes, rounds=rounds)
     candidate.details["int8_weights"] = count
     return candidate
-
-
-def _int8_weight_names(graph) -> List[str]:
-    """The main graph's weights that int8-weights stores as int8, largest relative rounding error first."""
-    from onnx import TensorProto, numpy_helper
-
-    axes = _weight_axes(graph)
-    errors = {}
-    for t in graph.initializer:
-        if t.name in axes and t.data_type == TensorProto.FLOAT and int(np.prod(t.dims)) >= INT8_WEIGHT_MIN_ELEMENTS:
-            w = numpy_helper.to_array(t).astype(np.float32)
-            if axes[t.name] < 0 or not np.all(np.isfinite(w)):
-                errors[t.name] = 0.0
-                continue
-            scale, q = _int8_per_channel(w, axes[t.name])
-            shape = [1] * w.ndim
-            shape[axes[t.name]] = -1
-            errors[t.name] = float(np.linalg.norm(q * scale.reshape(shape) - w) / max(np.linalg.norm(w), 1e-30))
-    return sorted(errors, key=lambda n: -errors[n])
-
-
-def _weight_axes(graph) -> Dict[str, int]:
-    """Initializer -> the axis of its output channels, for weights of ops that carry them."""
-    inits = {t.name: len(t.dims) for t in graph.initializer}
-    axes: Dict[str, int] = {}
-    for node in graph.node:
-        attrs = {a.name: a for a in node.attribute}
-        if node.op_type == "Conv" and len(node.input) > 1:
-            name, axis = node.input[1], 0  # [O, I, k...]
-        elif node.op_type == "ConvTranspose" and len(node.input) > 1:
-            name, axis = node.input[1], 1  # [I, O/group, k...]
-        elif node.op_type == "MatMul" and len(node.input) > 1 and node.input[1] in inits:
-            name, axis = node.input[1], inits[node.input[1]] - 1  # [..., K, N]: per output column
-        elif node.op_type == "Gemm" and len(node.input) > 1:
-            trans_b = attrs["transB"].i if "transB" in attrs else 0
-            name, axis = node.input[1], 0 if trans_b else 1
-        elif node.op_type == "Gather" and node.input and node.input[0] in inits:
-            name, axis = node.input[0], 0  # an embedding table: a scale per row
-        else:
-            continue
-        if name in inits and inits[name] >= 1:
-            # shared by ops that read it along different axes: one scale for the tensor
-            axes[name] = axis if axes.get(name, axis) == axis else -1
-    return axes
-
-
-def _weights_to_int8(graph, keep_float: frozenset = frozenset()) -> int:
-    """Replace large float32 weights (but those in ``keep_float``) with int8 + scale and a
-    DequantizeLinear in front."""
-    from onnx import TensorProto, helper, numpy_helper
-
-    count = 0
-    for node in graph.node:
-        for g in subgraphs(node):
-            count += _weights_to_int8(g, keep_float)
-    axes, inputs = _weight_axes(graph), {i.name for i in graph.input}
-    dequantize = []
-    for tensor in graph.initializer:
-        axis = axes.get(tensor.name)
-        if axis is None or tensor.data_type != TensorProto.FLOAT or tensor.name in inputs or tensor.name in keep_float:
-            continue
-        w = numpy_helper.to_array(tensor).astype(np.float32)
-        if w.size < INT8_WEIGHT_MIN_ELEMENTS or not np.all(np.isfinite(w)):
-            continue
-        name = tensor.name
-        if axis < 0 or w.ndim == 0:
-            scale = np.asarray(max(float(np.max(np.abs(w))), 1e-30) / 127.0, np.float32)
-            q = np.clip(np.round(w / scale), -127, 127).astype(np.int8)
-            zero = np.asarray(0, np.int8)
-            attrs = {}
-        else:
-            scale, q = _int8_per_channel(w, axis)
-            zero = np.zeros(scale.shape, np.int8)
-            attrs = {"axis": axis}
-        tensor.CopyFrom(numpy_helper.from_array(q, f"{name}__int8"))
-        graph.initializer.extend([numpy_helper.from_array(scale, f"{name}__scale"),
-                                  numpy_helper.from_array(zero, f"{name}__zero")])
-        dequantize.append(helper.make_node("DequantizeLinear", [tensor.name, f"{name}__scale", f"{name}__zero"], [name],
-                                           name=f"{name}__dequantize", **attrs))
-        count += 1
-    nodes = dequantize + list(graph.node)  # first keeps the graph topologically sorted
-    del graph.node[:]
-    graph.node.extend(nodes)
-    return count
-
-
-def _int8_per_channel(w: np.ndarray, axis: int) -> tuple:
-    """Symmetric int8 with a scale per channel along ``axis`` (its largest |weight| is 127).
-    Clipping ranges chosen for the least squared error were tried and measured: on PP-OCR's
-    convolutions they picked the full range on every channel (int8 steps are already fine)."""
-    reduce = tuple(i for i in range(w.ndim) if i != axis)
-    scale = (np.max(np.abs(w), axis=reduce) / 127.0).astype(np.float32)
-    scale[scale == 0] = 1.0
-    shape = [1] * w.ndim
-    shape[axis] = -1
-    return scale, np.clip(np.round(w / scale.reshape(shape)), -127, 127).astype(np.int8)
 
 
 def _all_graphs(graph):
@@ -649,33 +551,6 @@ def _conform(array: np.ndarray, spec: TensorSpec, i: int) -> np.ndarray:
     if np.ndim(array) == len(spec.shape) + 1:
         return np.asarray(array[i], spec.dtype)
     return np.asarray(array[i : i + 1], spec.dtype)
-
-
-def _weights_to_float16(graph) -> int:
-    """Store large float32 initializers as float16 and put a Cast back to float32 in front, so
-    the file halves while inputs, outputs and every op stay float32 (CPU kernels need that)."""
-    from onnx import TensorProto, helper, numpy_helper
-
-    count = 0
-    for node in graph.node:
-        for g in subgraphs(node):
-            count += _weights_to_float16(g)
-    inputs = {i.name for i in graph.input}
-    casts = []
-    for tensor in graph.initializer:
-        if tensor.data_type != TensorProto.FLOAT or tensor.name in inputs:
-            continue
-        w = numpy_helper.to_array(tensor)
-        if w.size < FP16_MIN_ELEMENTS or not np.all(np.abs(w) < FP16_MAX):
-            continue
-        name = tensor.name
-        tensor.CopyFrom(numpy_helper.from_array(w.astype(np.float16), f"{name}__fp16"))
-        casts.append(helper.make_node("Cast", [tensor.name], [name], name=f"{name}__to_fp32", to=TensorProto.FLOAT))
-        count += 1
-    nodes = casts + list(graph.node)  # casts first keeps the graph topologically sorted
-    del graph.node[:]
-    graph.node.extend(nodes)
-    return count
 
 
 def quantized_op_counts(model: bytes) -> Dict[str, int]:
