@@ -48,6 +48,7 @@ class Agent:
         self.api = None
         self.link = None
         self.updates = None
+        self._stop_requested = self._reload_requested = None  # signal flags, set by catch_signals()
         self.update_store = None
         self.started = None
         self._stopped = threading.Event()
@@ -140,7 +141,7 @@ class Agent:
 
     def run_forever(self) -> None:
         """Block until SIGTERM/SIGINT; SIGHUP reloads. Call from the main thread."""
-        if getattr(self, "_stop_requested", None) is None:
+        if self._stop_requested is None:
             self.catch_signals()
         reload_requested, stop_requested = self._reload_requested, self._stop_requested
         while not stop_requested.wait(0.2):

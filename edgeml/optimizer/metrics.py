@@ -139,13 +139,18 @@ def top1_agreement(r: np.ndarray, g: np.ndarray) -> float:
     return float(np.mean(same)) if same.size else 1.0
 
 
-def mask_iou(r: np.ndarray, g: np.ndarray, threshold: float) -> float:
-    """Mean per-sample IoU of the masks ``> threshold``; two empty masks agree fully."""
+def mask_ious(r: np.ndarray, g: np.ndarray, threshold: float) -> np.ndarray:
+    """Per-sample IoU of the masks ``> threshold``; two empty masks agree fully."""
     a = r.reshape(len(r), -1) > threshold
     b = g.reshape(len(g), -1) > threshold
     inter = np.sum(a & b, axis=1)
     union = np.sum(a | b, axis=1)
-    iou = np.where(union > 0, inter / np.maximum(union, 1), 1.0)
+    return np.where(union > 0, inter / np.maximum(union, 1), 1.0)
+
+
+def mask_iou(r: np.ndarray, g: np.ndarray, threshold: float) -> float:
+    """Mean per-sample IoU (``mask_ious``)."""
+    iou = mask_ious(r, g, threshold)
     return float(np.mean(iou)) if len(iou) else 1.0
 
 

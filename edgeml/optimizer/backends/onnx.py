@@ -28,7 +28,7 @@ from edgeml.core.native_output import captured_stderr
 from edgeml.core.runtime import FOLD_WEIGHTS_KEY, load_runner
 from edgeml.core.specs import TensorSpec
 
-from ..metrics import mask_iou
+from ..metrics import mask_ious
 from ..sources.base import SourceModel
 from ..sources.onnx_prepare import prepare, subgraphs
 from .base import RECIPES, Backend, BuildOptions, Candidate
@@ -398,7 +398,7 @@ def agreement(reference: List[dict], candidate: List[dict], batch_sizes: Optiona
                 top1.setdefault(name, []).append((a.argmax(-1) == b.argmax(-1)).ravel())
                 robust.setdefault(name, []).append(_keeps_margin(a, b).ravel())
             elif kind == "iou" and batched:
-                ious.setdefault(name, []).extend([mask_iou(a[i:i + 1], b[i:i + 1], threshold) for i in range(len(a))])
+                ious.setdefault(name, []).extend(mask_ious(a, b, threshold))
             a64, b64 = a.astype(np.float64).ravel(), b.astype(np.float64).ravel()
             acc = dots.setdefault(name, [0.0, 0.0, 0.0])
             acc[0] += float(a64 @ b64)
