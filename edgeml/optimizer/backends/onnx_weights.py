@@ -59,9 +59,11 @@ def weights_to_float16(graph) -> int:
     return _store(graph, lambda g: convert)
 
 
-def weights_to_int8(graph, keep_float: frozenset = frozenset()) -> int:
+def weights_to_int8(graph, keep_float: frozenset = frozenset(), rounded: Optional[Dict[str, tuple]] = None) -> int:
     """Store the large weights of Conv/MatMul/Gemm/Gather (but those in ``keep_float``) as int8
-    with a scale per output channel and a DequantizeLinear in front."""
+    with a scale per output channel and a DequantizeLinear in front. ``rounded`` gives, by
+    weight name, int8 values and scales already chosen (onnx_gptq) to use instead of rounding
+    to nearest."""
     from onnx import helper, numpy_helper
 
     def converter_for(g) -> Convert:
@@ -80,7 +82,8 @@ def weights_to_int8(graph, keep_float: frozenset = frozenset()) -> int:
                 q = np.clip(np.round(w / scale), -127, 127).astype(np.int8)
                 zero, attrs = np.asarray(0, np.int8), {}
             else:
-                scale, q = int8_per_channel(w, axis)
+                given = (rounded or {}).get(name)
+                scale, q = (given[1], given[0].astype(np.int8)) if given and given[2] == axis else int8_per_channel(w, axis)
                 zero, attrs = np.zeros(scale.shape, np.int8), {"axis": axis}
             extra = [numpy_helper.from_array(scale, f"{name}__scale"), numpy_helper.from_array(zero, f"{name}__zero")]
             node = helper.make_node("DequantizeLinear", [f"{name}__int8", f"{name}__scale", f"{name}__zero"], [name],
