@@ -37,7 +37,22 @@ RUN_FLAGS = (  # (flag, config key, type, help)
     ("--fetch-timeout", "fetch_timeout_s", float, "seconds before an unanswered block request is repeated, doubling "
                                                   "[default: 5]"),
     ("--fetch-attempts", "fetch_attempts", int, "requests per block before a download is reported failed [default: 6]"),
+    ("--drift", "drift", lambda text: _on_off(text), "on or off: count requests into the baseline's bins [default: on]"),
+    ("--drift-window", "drift_window_s", float, "seconds per drift window sent to the host [default: 60]"),
+    ("--drift-windows", "drift_windows", int, "windows an alert judges, the latest ones [default: 10]"),
+    ("--drift-min-samples", "drift_min_samples", int, "samples those windows need before any judgement [default: 200]"),
+    ("--js-threshold", "js_threshold", float, "Jensen-Shannon distance past which a feature drifted [default: 0.1]"),
+    ("--psi-threshold", "psi_threshold", float, "PSI past which a feature drifted [default: 0.2]"),
+    ("--confidence-drop", "confidence_drop", float, "drop of mean top-1 confidence that alerts [default: 0.1]"),
+    ("--clear-ratio", "clear_ratio", float, "an alert clears below this share of its threshold [default: 0.7]"),
 )
+
+
+def _on_off(text: str) -> bool:
+    value = {"on": True, "true": True, "yes": True, "off": False, "false": False, "no": False}.get(str(text).lower())
+    if value is None:
+        raise argparse.ArgumentTypeError(f"{text!r} is not on or off")
+    return value
 
 
 def check(artifact_path, public_key) -> dict:

@@ -28,6 +28,16 @@
     fetch_timeout_s = 5                           # a block request unanswered this long is asked again (doubling)
     fetch_attempts = 6                            # ... this many times, then the download is reported failed
 
+    [monitoring]                                  # drift of inputs and predictions, on the device
+    drift = true                                  # false: no counting on the request path
+    drift_window_s = 60                           # each window's histograms go to telemetry when it closes
+    drift_windows = 10                            # alerts judge the sum of the last this many windows
+    drift_min_samples = 200                       # fewer samples than this in them: no judgement
+    js_threshold = 0.1                            # Jensen-Shannon distance past which a feature has drifted
+    psi_threshold = 0.2                           # ... or PSI past this
+    confidence_drop = 0.1                         # mean top-1 confidence this far below the baseline's
+    clear_ratio = 0.7                             # an alert clears once every score is below this share of its threshold
+
 Relative paths in the file are relative to the file.
 """
 from __future__ import annotations
@@ -69,6 +79,14 @@ class AgentConfig:
     max_body_bytes: int = 16 << 20
     fetch_timeout_s: float = 5.0
     fetch_attempts: int = 6
+    drift: bool = True
+    drift_window_s: float = 60.0
+    drift_windows: int = 10
+    drift_min_samples: int = 200
+    js_threshold: float = 0.1
+    psi_threshold: float = 0.2
+    confidence_drop: float = 0.1
+    clear_ratio: float = 0.7
     source: Optional[Path] = field(default=None, compare=False)  # the TOML file, for SIGHUP
 
     @property
@@ -96,6 +114,8 @@ SECTIONS = {
     "mqtt": ("broker", "username", "password_file", "ca_file", "cert_file", "key_file", "ack_timeout_s"),
     "telemetry": ("queue_max_bytes", "stats_window_s", "system_interval_s", "max_body_bytes"),
     "updates": ("fetch_timeout_s", "fetch_attempts"),
+    "monitoring": ("drift", "drift_window_s", "drift_windows", "drift_min_samples", "js_threshold", "psi_threshold",
+                   "confidence_drop", "clear_ratio"),
 }
 
 
@@ -139,7 +159,13 @@ def check(c: AgentConfig) -> None:
     for key, low in (("threads", 1), ("queue_max_bytes", 1 << 16), ("max_body_bytes", 1024), ("fetch_attempts", 1)):
         if int(getattr(c, key)) < low:
             raise UsageError(f"{key} must be at least {low}, got {getattr(c, key)}")
-    for key in ("stats_window_s", "system_interval_s", "ack_timeout_s", "fetch_timeout_s"):
+    for key in ("drift_windows", "drift_min_samples"):
+        if int(getattr(c, key)) < 1:
+            raise UsageError(f"{key} must be at least 1, got {getattr(c, key)}")
+    if not 0 < float(c.clear_ratio) <= 1:
+        raise UsageError(f"clear_ratio must be above 0 and at most 1, got {c.clear_ratio}")
+    for key in ("stats_window_s", "system_interval_s", "ack_timeout_s", "fetch_timeout_s", "drift_window_s",
+                "js_threshold", "psi_threshold", "confidence_drop"):
         if not float(getattr(c, key)) > 0:
             raise UsageError(f"{key} must be above 0, got {getattr(c, key)}")
     for key in ("artifact", "public_key", "password_file", "ca_file", "cert_file", "key_file"):
@@ -148,12 +174,16 @@ def check(c: AgentConfig) -> None:
             raise InputError(f"{key} {value} does not exist or is not a file")
 
 
-INTS = ("threads", "queue_max_bytes", "max_body_bytes", "fetch_attempts")
-FLOATS = ("stats_window_s", "system_interval_s", "ack_timeout_s", "fetch_timeout_s")
+INTS = ("threads", "queue_max_bytes", "max_body_bytes", "fetch_attempts", "drift_windows", "drift_min_samples")
+FLOATS = ("stats_window_s", "system_interval_s", "ack_timeout_s", "fetch_timeout_s", "drift_window_s",
+          "js_threshold", "psi_threshold", "confidence_drop", "clear_ratio")
+BOOLS = ("drift",)
 
 
 def _check_type(key: str, value) -> None:
-    if key in INTS:
+    if key in BOOLS:
+        ok, want = isinstance(value, bool), "true or false"
+    elif key in INTS:
         ok, want = isinstance(value, int) and not isinstance(value, bool), "a whole number"
     elif key in FLOATS:
         ok, want = isinstance(value, (int, float)) and not isinstance(value, bool), "a number"
@@ -176,7 +206,7 @@ def _read_toml(path: Path) -> Dict[str, object]:
     for key, value in doc.items():
         if isinstance(value, dict):
             if key not in SECTIONS or not key:
-                raise UsageError(f"config file {path}: unknown section [{key}]; use [mqtt], [telemetry] or [updates]")
+                raise UsageError(f"config file {path}: unknown section [{key}]; use [mqtt], [telemetry], [updates] or [monitoring]")
             for sub, sub_value in value.items():
                 values[_known(path, key, sub)] = sub_value
         else:

@@ -43,6 +43,7 @@ class Agent:
         self.service = None
         self.queue = None
         self.recorder = None
+        self.drift = None  # drift of the serving model's inputs and predictions (None: off)
         self.monitor = None  # live health of the serving model, for updates
         self.sink = None  # what serving reports to: the recorder and the monitor
         self.api = None
@@ -58,7 +59,7 @@ class Agent:
 
     def start(self) -> "Agent":
         from .telemetry.queue import TelemetryQueue
-        from .updates import HealthMonitor, Tee, UpdateStore, serving_path
+        from .updates import HealthMonitor, UpdateStore, serving_path
 
         c = self.config
         self.started = time.monotonic()
@@ -72,7 +73,8 @@ class Agent:
         self.monitor.version = self.service.version
         self.queue = TelemetryQueue(c.data_dir / QUEUE_FILE, c.queue_max_bytes)
         self.recorder = self._recorder(c)
-        self.sink = Tee(self.recorder, self.monitor)
+        self.drift = self._drift(c)
+        self.sink = self._sink()
         self.api = self._api(c)
         self.link = self._link(c)
         self.updates = self._updates(c)
@@ -88,6 +90,8 @@ class Agent:
             self.updates.stop()
         if self.api is not None:
             self.api.stop()
+        if self.drift is not None:
+            self.drift.close()  # its last window goes to the recorder before that closes
         if self.recorder is not None:
             self.recorder.close()
         if self.link is not None:
@@ -184,15 +188,16 @@ class Agent:
     def swap(self, service) -> None:
         """Serve ``service`` from the next request on. The one in use finishes the requests it has;
         telemetry gets a recorder for the new model (the old one flushes its window)."""
-        from .updates import Tee
-
         with self._swap_lock:
-            old_recorder = self.recorder
+            old_recorder, old_drift = self.recorder, self.drift
             self.recorder = self._recorder(self.config, service)
-            self.sink = Tee(self.recorder, self.monitor)
+            self.drift = self._drift(self.config, service)
+            self.sink = self._sink()
             self.service = service
             if self.api is not None:
                 self.api.service, self.api.sink = service, self.sink
+        if old_drift is not None:
+            old_drift.close()
         old_recorder.close()
         self.report()
 
@@ -209,6 +214,33 @@ class Agent:
         service = service or self.service
         return Recorder(self.queue, service.name, service.version, stats_window_s=c.stats_window_s,
                         system_interval_s=c.system_interval_s, data_dir=c.data_dir)
+
+    def _sink(self):
+        from .updates import Tee
+
+        return Tee(*(s for s in (self.recorder, self.monitor, self.drift) if s is not None))
+
+    def _drift(self, c: AgentConfig, service=None):
+        if not c.drift:
+            return None
+        from .monitoring.drift import DriftMonitor, DriftSettings
+
+        service = service or self.service
+        settings = DriftSettings(window_s=c.drift_window_s, windows=c.drift_windows, min_samples=c.drift_min_samples,
+                                 js_threshold=c.js_threshold, psi_threshold=c.psi_threshold,
+                                 confidence_drop=c.confidence_drop, clear_ratio=c.clear_ratio)
+        return DriftMonitor(service.artifact.baseline, service.name, service.version, service.sha256, settings,
+                            emit=self._drift_record)
+
+    def _drift_record(self, record: dict) -> None:
+        """A drift window or an alert: into the durable telemetry queue (the host's record of it),
+        and an alert also on the events topic at once when the broker is reachable."""
+        self.recorder.record(record)
+        if record["kind"] == "alert" and self.link is not None:
+            from edgeml.core.update_contract import encode_event
+
+            self.link.publish("events", encode_event(ts=record["ts"], device=self.config.device_id, event="alert",
+                                                     alert={k: v for k, v in record.items() if k not in ("kind", "ts")}))
 
     def _api(self, c: AgentConfig):
         address = c.api_address

@@ -160,6 +160,10 @@ class Recorder:
         self._add({"kind": "error", "ts": time.time(), "model": model, "status": int(status),
                    "error": str(message)[:MAX_MESSAGE_CHARS], "latency_ms": round(float(latency_ms), 3)})
 
+    def record(self, record: dict) -> None:
+        """Any other record (a drift window, an alert) into the queue, durably."""
+        self._store([record])
+
     def _add(self, record: dict) -> None:
         if self.durable:
             self._store([record])

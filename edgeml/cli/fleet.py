@@ -164,3 +164,103 @@ def fleet_devices(db_url: str, as_json: bool) -> None:
         table.add_row(d["fleet"], d["device"], d["presence"] or "?", model, update, target, progress, seen,
                       str(d["requests"]), str(d["errors"]), str(d["dropped"]))
     stdout_console().print(table)
+
+
+def _since(text: str):
+    """'1h', '30m', '2d', '90s' or 'all' (None)."""
+    from edgeml.core.errors import UsageError
+    from edgeml.core.update_contract import parse_duration
+
+    if text == "all":
+        return None
+    try:
+        return parse_duration(text)
+    except (ValueError, TypeError) as exc:
+        raise UsageError(f"--since {text!r}: {exc}; use 90s, 30m, 1h, 2d or all") from exc
+
+
+@fleet.command("drift")
+@db_option
+@click.option("--fleet", "fleet_id", required=True, help="The fleet to judge.")
+@click.option("--by", type=click.Choice(["fleet", "device", "version", "wave"]), default="device", show_default=True,
+              help="One row per device, per model version, for the whole fleet, or per wave of a rollout.")
+@click.option("--rollout", help="With --by wave: the rollout whose waves to compare [default: the fleet's latest].")
+@click.option("--since", "since", default="1h", show_default=True, help="Judge the windows of the last 90s, 30m, 1h, 2d, or all.")
+@json_option
+def fleet_drift_command(db_url, fleet_id, by, rollout, since, as_json) -> None:
+    """Drift of inputs and predictions across devices: their window histograms added up and
+    judged against the artifact's baseline (PSI, Jensen-Shannon, KS), as each device judges itself."""
+    from edgeml.fleet import open_store
+    from edgeml.fleet.drift import fleet_drift
+
+    with open_store(db_url, create=False) as store:
+        result = fleet_drift(store, fleet_id, by=by, since_s=_since(since), rollout=rollout)
+    if as_json:
+        emit({"ok": True, **result})
+        return
+    from rich.table import Table
+
+    table = Table(title=f"drift in fleet {fleet_id} by {by}, windows of the last {since}")
+    for col in (by, "model", "devices", "windows", "samples", "inputs", "predictions", "JS max", "PSI max",
+                "confidence", "worst"):
+        table.add_column(col, justify="right" if col in ("devices", "windows", "samples", "JS max", "PSI max") else "left")
+    for r in result["rows"]:
+        if not r["judged"]:
+            table.add_row(r[by], f"{r['model']} v{r['version']}", str(len(r["devices"])), str(r["windows"]),
+                          str(r["samples"]), "-", "-", "-", "-", "-", r["reason"])
+            continue
+        conf = r.get("confidence")
+        table.add_row(r[by], f"{r['model']} v{r['version']}", str(len(r["devices"])), str(r["windows"]), str(r["samples"]),
+                      "DRIFT" if r["input_drift"] else "ok", "DRIFT" if r["prediction_drift"] else "ok",
+                      _num(r["js_max"]), _num(r["psi_max"]),
+                      f"{conf['live']:.3f} (baseline {conf['baseline']:.3f})" if conf else "-",
+                      ", ".join(_feature(f) for f in r["worst"][:3]))
+    stdout_console().print(table)
+
+
+@fleet.command("alerts")
+@db_option
+@click.option("--fleet", "fleet_id", help="Only this fleet's alerts.")
+@click.option("--since", "since", default="all", show_default=True, help="Alerts raised in the last 30m, 1h, 2d, or all.")
+@json_option
+def fleet_alerts_command(db_url, fleet_id, since, as_json) -> None:
+    """Alerts the devices raised (input drift, prediction drift, a confidence drop), open ones first."""
+    from edgeml.fleet import open_store
+    from edgeml.fleet.drift import alerts
+
+    with open_store(db_url, create=False) as store:
+        result = alerts(store, fleet_id, _since(since))
+    if as_json:
+        emit({"ok": True, **result})
+        return
+    from datetime import datetime, timezone
+
+    from rich.table import Table
+
+    def when(ts):
+        return "-" if ts is None else datetime.fromtimestamp(ts, timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
+
+    table = Table(title=f"{result['open']} open of {len(result['alerts'])} alerts")
+    for col in ("state", "fleet", "device", "model", "alert", "since (UTC)", "cleared (UTC)", "worst"):
+        table.add_column(col)
+    for a in result["alerts"]:
+        table.add_row(a["state"], a["fleet"], a["device"], f"{a['model']} v{a['version']}", a["alert"], when(a["since"]),
+                      when(a["cleared"]), ", ".join(_feature(f) for f in a["features"][:3]))
+    stdout_console().print(table)
+
+
+def _num(v) -> str:
+    return "-" if v is None else f"{v:.3f}"
+
+
+def _feature(f: dict) -> str:
+    where = f.get("name") or f.get("what")
+    if f.get("channel") is not None:
+        where = f"{where}[{f['channel']}]"
+    if "js" in f:
+        return f"{where} JS {f['js']:.2f}"
+    if "mean_shift" in f:
+        return f"{where} shift {f['mean_shift']:.1f} std"
+    if "drop" in f:
+        return f"confidence -{f['drop']:.2f}"
+    return str(where)

@@ -8,7 +8,8 @@ Topics (``{fleet}`` and ``{device}`` are ids of ``ID_RE``)::
     edgeml/v1/{fleet}/{device}/presence    device -> host, retained   {"status": "online"|"offline", ...}
     edgeml/v1/{fleet}/{device}/state       device -> host, retained   {"model", "version", "sha256", "ready", ...}
     edgeml/v1/{fleet}/{device}/telemetry   device -> host             a zstd-compressed batch of records
-    edgeml/v1/{fleet}/{device}/events      device -> host             update progress (``edgeml.core.updates``)
+    edgeml/v1/{fleet}/{device}/events      device -> host             update progress (``edgeml.core.updates``); alerts
+                                                                      (``{"event": "alert", "alert": {...}}``) as they happen
     edgeml/v1/{fleet}/{device}/ack         host -> device, retained   {"epoch", "seq"}: telemetry committed
     edgeml/v1/{fleet}/{device}/desired     host -> device, retained   the model this device should run
     edgeml/v1/{fleet}/{device}/chunks/req  device -> host             artifact blocks it lacks
@@ -23,6 +24,13 @@ Every record has ``seq`` (per device, from 1, strictly increasing, never reused,
     input_stats  model, version, window_s, count, inputs {name: {"mean", "std", "min", "max"}} per feature
     system       rss_bytes, cpu_percent, disk_free_bytes, queue_records, queue_bytes, dropped_total
     dropped      count, first_seq, last_seq: records the bounded queue dropped (oldest first) while offline
+    baseline     model, version, sha256, baseline {"inputs": {name: {"axis", "bins"}}, "outputs"}: the
+                 artifact's histograms, sent when a model starts serving, so the host judges windows with them
+    drift        model, version, sha256, window_s, samples, inputs {name: {"axis", "counts"}},
+                 outputs {name: {"classes" | "confidence" (+ "confidence_sum") | "values": counts}}, scores:
+                 one window's counts in the artifact's baseline bins (edgeml.core.drift); they add up
+    alert        model, version, alert (input_drift | prediction_drift | confidence_drop), state (raised |
+                 cleared), since, features (the worst, with their scores), samples
 
 A PUBACK is not delivery: a broker killed before it handed a message on loses it. So a device
 keeps every record until the host says it has committed it. ``epoch`` names the device's queue
@@ -50,7 +58,7 @@ PREFIX = "edgeml/v1"
 ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 EPOCH_RE = re.compile(r"^[0-9a-f]{1,32}$")
 CHANNELS = ("presence", "state", "telemetry", "events", "ack", "desired", "chunks", "chunks/req")
-KINDS = ("inference", "error", "input_stats", "system", "dropped")
+KINDS = ("inference", "error", "input_stats", "system", "dropped", "baseline", "drift", "alert")
 TELEMETRY_CONTENT_TYPE = "application/json+zstd"
 MAX_BATCH_BYTES = 4 << 20  # a decompressed batch larger than this is refused (no zstd bombs)
 SHARED_GROUP = "collectors"

@@ -5,9 +5,11 @@ Standard library and numpy only: the device computes the same figures on live in
 """
 from __future__ import annotations
 
-from typing import Dict
+from typing import Dict, Optional
 
 import numpy as np
+
+from . import drift
 
 QUANTILES = (0.01, 0.05, 0.1, 0.25, 0.5, 0.75, 0.9, 0.95, 0.99)
 MAX_CHANNELS = 256  # above this, one summary for the whole tensor keeps the file small
@@ -39,21 +41,35 @@ def summarize(values: np.ndarray) -> dict:
 
 
 def baseline_stats(inputs: Dict[str, np.ndarray]) -> dict:
-    """{input name: {"axis": per-sample axis or None, "channels": [summary, ...]}}."""
+    """{input name: {"axis": per-sample axis or None, "channels": [summary, ...], "bins": histogram}}.
+
+    ``bins`` (``edgeml.core.drift``): per channel, edges at the baseline's own deciles and the
+    baseline's counts in those bins, counted as the device will count live requests."""
     result = {"quantile_levels": list(QUANTILES), "inputs": {}}
     for name, x in inputs.items():
         x = np.asarray(x)
+        if not (np.issubdtype(x.dtype, np.number) or x.dtype == np.bool_):
+            continue  # strings: no statistics a device could compare
         axis = channel_axis(x.shape[1:])
         if axis is None or x.shape[1 + axis] > MAX_CHANNELS:
-            result["inputs"][name] = {"axis": None, "samples": int(len(x)), "channels": [summarize(x)]}
-            continue
-        moved = np.moveaxis(x, 1 + axis, -1).reshape(-1, x.shape[1 + axis])
+            axis, columns = None, x.reshape(-1, 1)
+        else:
+            columns = np.moveaxis(x, 1 + axis, -1).reshape(-1, x.shape[1 + axis])
         result["inputs"][name] = {
             "axis": axis,
             "samples": int(len(x)),
-            "channels": [summarize(moved[:, c]) for c in range(moved.shape[1])],
+            "channels": [summarize(columns[:, c]) for c in range(columns.shape[1])],
+            "bins": histogram(x, axis, [drift.cut(columns[:, c]) for c in range(columns.shape[1])]),
         }
     return result
+
+
+def histogram(x: np.ndarray, axis, edges: list) -> dict:
+    """The baseline's histogram of ``x`` over ``edges`` (one list per channel), counted per sample
+    with the same cap on values as a device's request, so both sides weigh samples alike."""
+    table = drift.padded(edges)
+    counts = sum(drift.histogram_of(x[i : i + 1], axis, table) for i in range(len(x)))
+    return {"edges": edges, "counts": np.asarray(counts).astype(int).tolist()}
 
 
 def class_frequencies(y: np.ndarray) -> list | None:
@@ -66,13 +82,29 @@ def class_frequencies(y: np.ndarray) -> list | None:
     return [float(c) for c in counts / counts.sum()]
 
 
-def output_stats(outputs: Dict[str, np.ndarray]) -> dict:
-    """{output name: {"classes": C, "frequencies": [...]}} for the outputs that are class scores."""
+CLASS_KINDS = ("accuracy", "agreement", "sequence")  # the optimizer's output kinds whose argmax is the answer
+
+
+def output_stats(outputs: Dict[str, np.ndarray], kinds: Optional[Dict[str, str]] = None) -> dict:
+    """Per output: class scores get {"classes": C, "frequencies": [...]} and, for [N, C], the
+    mean top-1 confidence and its histogram (a label-free quality signal); any other numeric
+    output gets a histogram of its values as one feature. ``kinds`` (the optimizer's output kinds)
+    tells embeddings and regressions from class scores; without it any [N, C] float is scores."""
     found = {}
     for name, y in outputs.items():
-        freqs = class_frequencies(y)
+        y = np.asarray(y)
+        if not np.issubdtype(y.dtype, np.number) or y.size == 0:
+            continue
+        scores = kinds is None or kinds.get(name) in CLASS_KINDS
+        freqs = class_frequencies(y) if scores else None
         if freqs is not None:
             found[name] = {"classes": len(freqs), "frequencies": freqs}
+            top = drift.confidence(y)
+            if top is not None and top.size:
+                found[name]["confidence"] = {"mean": float(top.mean()),
+                                             **histogram(top.reshape(-1, 1), None, [drift.cut(top)])}
+            continue
+        found[name] = {"values": histogram(y, None, [drift.cut(y)])}
     return found
 
 

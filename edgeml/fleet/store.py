@@ -212,6 +212,22 @@ class Store(RolloutTables):
                 "dropped": max(lost.get(key, 0), dropped_total or 0), "updated": _iso(updated)})
         return out
 
+    def records(self, kinds, fleet: Optional[str] = None, since: Optional[float] = None) -> List[tuple]:
+        """``(fleet, device, record)`` of the given kinds, oldest first; ``since`` in unix seconds."""
+        kinds = list(kinds)
+        where = [f"kind IN ({', '.join('?' for _ in kinds)})"]
+        params: list = list(kinds)
+        if fleet is not None:
+            where.append("fleet = ?")
+            params.append(fleet)
+        if since is not None:
+            where.append("ts >= ?")
+            params.append(float(since))
+        with self.transaction(write=False):
+            rows = self._execute(f"SELECT fleet, device, record FROM telemetry WHERE {' AND '.join(where)} "
+                                 "ORDER BY ts, fleet, device, seq", tuple(params)).fetchall()
+        return [(f, d, json.loads(r)) for f, d, r in rows]
+
     def _migrate(self) -> None:
         """Columns added since a database was created (CREATE TABLE IF NOT EXISTS keeps old tables as they are)."""
         have = self._columns("devices")

@@ -233,7 +233,8 @@ def optimize(config: OptimizeConfig, on_step: Callable[[str], None] = lambda s: 
     st = build_selftest(runner, eval_ds, model_zstd_bytes=chosen.zstd_bytes, samples=SELFTEST_SAMPLES)
     baseline = baseline_stats((calib_ds or eval_ds).inputs)
     baseline["source"] = "calibration" if calib_ds is not None else "eval"
-    baseline["outputs"] = output_stats(chosen.eval_outputs or {})  # predicted classes on eval, on the device runtime
+    # predicted classes and confidence (or output values) on eval, on the device runtime
+    baseline["outputs"] = output_stats(chosen.eval_outputs or {}, options.kinds)
     everything = [s.measured for s in stage_results] + built
     manifest = build_manifest(
         config=config, source=user_source, chosen=chosen, measured=measured, goal_met=goal_met,

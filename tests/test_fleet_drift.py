@@ -1,0 +1,116 @@
+"""Drift end to end: real agents count live requests into their artifact's baseline bins, raise
+and clear alerts (telemetry and the events topic), and the host adds the devices' windows up
+(``edgeml fleet drift``) and lists the alerts (``edgeml fleet alerts``), through a real broker
+and ``fleet serve``."""
+from __future__ import annotations
+
+import json
+import threading
+
+import numpy as np
+import paho.mqtt.client as mqtt
+import pytest
+from agent_proc import AgentProcess
+from fleet_harness import FleetServe, cli, cli_json
+from waiting import wait_until
+
+MONITORING = """
+[monitoring]
+drift_window_s = 0.5
+drift_windows = 4
+drift_min_samples = 40
+"""
+
+
+@pytest.fixture(scope="module")
+def images(digits_dir):
+    with np.load(digits_dir / "eval.npz") as data:
+        return data["image"]
+
+
+@pytest.fixture()
+def drift_fleet(tmp_path, mosquitto, digits_dir, digits_int8_artifact):
+    config = tmp_path / "agent.toml"
+    config.write_text(MONITORING)
+    db = f"sqlite:///{tmp_path / 'fleet.db'}"
+    serve = FleetServe(mosquitto.url, db, tmp_path / "serve.log").start()
+    events, lock = [], threading.Lock()
+    listener = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
+
+    def on_message(client, userdata, message):
+        with lock:
+            events.append(json.loads(message.payload))
+
+    listener.on_message = on_message
+    listener.connect("127.0.0.1", mosquitto.port)
+    listener.subscribe("edgeml/v1/f1/+/events", qos=1)
+    listener.loop_start()
+    agents = {d: AgentProcess(digits_int8_artifact, digits_dir / "keys" / "signing.pub", tmp_path / d, device=d,
+                              broker=mosquitto.url, config=config).start() for d in ("dev1", "dev2")}
+    yield db, agents, events
+    for a in agents.values():
+        a.terminate()
+    listener.loop_stop()
+    listener.disconnect()
+    serve.stop()
+
+
+def _send(agent, x: np.ndarray) -> None:
+    for row in x:
+        status, _ = agent.infer("digits", {"image": row[None]})
+        assert status == 200
+
+
+def test_a_shifted_device_alerts_and_the_host_judges_the_fleet_from_window_histograms(drift_fleet, images):
+    db, agents, events = drift_fleet
+    normal = images[:160]
+    shifted = np.clip(images[:160] * 0.4 + 0.6, 0, 1).astype(np.float32)  # washed-out digits, a new camera
+    _send(agents["dev1"], normal)
+    _send(agents["dev2"], shifted)
+
+    alerts = wait_until(lambda: (a := cli_json("fleet", "alerts", "--db", db))["open"] and a, 30, "an open alert")
+    opened = [a for a in alerts["alerts"] if a["state"] == "open"]
+    assert {a["device"] for a in opened} == {"dev2"}, opened
+    assert "input_drift" in {a["alert"] for a in opened}
+    drifted = next(a for a in opened if a["alert"] == "input_drift")
+    assert drifted["model"] == "digits" and drifted["features"] and drifted["features"][0]["name"] == "image"
+    # the same alert went out on the events topic as it happened
+    wait_until(lambda: any(e.get("event") == "alert" and e["device"] == "dev2" for e in list(events)), 10,
+               "the alert on the events topic")
+
+    by_device = cli_json("fleet", "drift", "--fleet", "f1", "--db", db)
+    rows = {r["device"]: r for r in by_device["rows"]}
+    assert set(rows) == {"dev1", "dev2"} and all(r["judged"] for r in rows.values()), rows
+    assert rows["dev2"]["input_drift"] and not rows["dev1"]["input_drift"], rows
+    assert rows["dev1"]["samples"] == 160 and rows["dev2"]["samples"] == 160
+    fleet_wide = cli_json("fleet", "drift", "--fleet", "f1", "--db", db, "--by", "fleet")["rows"]
+    assert len(fleet_wide) == 1 and fleet_wide[0]["samples"] == 320 and fleet_wide[0]["devices"] == ["dev1", "dev2"]
+    # half the fleet's traffic is washed out: that is drift for the fleet too, judged from summed counts
+    assert fleet_wide[0]["input_drift"]
+
+    # the camera is fixed: once the shifted windows slide out, the alert clears
+    cursor = iter(range(10**6))
+
+    def cleared():
+        start = 40 * next(cursor) % (len(images) - 40)  # fresh digits each time, as real traffic would be
+        _send(agents["dev2"], images[start : start + 40])
+        a = cli_json("fleet", "alerts", "--db", db)
+        return not a["open"] and a
+
+    done = wait_until(cleared, 40, "the alerts to clear", interval=0.2)
+    states = {(a["device"], a["alert"]): a["state"] for a in done["alerts"]}
+    assert states[("dev2", "input_drift")] == "cleared"
+    table = cli("fleet", "alerts", "--db", db)
+    assert table.returncode == 0 and "cleared" in table.stdout and "dev2" in table.stdout
+
+
+def test_fleet_drift_explains_bad_arguments_in_one_line(tmp_path):
+    db = f"sqlite:///{tmp_path / 'empty.db'}"
+    from edgeml.fleet import open_store
+
+    open_store(db).close()
+    proc = cli("fleet", "drift", "--fleet", "f1", "--db", db, "--since", "yesterday")
+    assert proc.returncode == 2 and proc.stderr.strip().count("\n") == 0 and "--since" in proc.stderr, proc.stderr
+    proc = cli("fleet", "drift", "--fleet", "f1", "--db", db, "--by", "wave")
+    assert proc.returncode == 2 and "rollout" in proc.stderr
+    assert cli_json("fleet", "drift", "--fleet", "f1", "--db", db)["rows"] == []
