@@ -138,8 +138,9 @@ def cli_json(*args) -> dict:
 class FleetServe:
     """``edgeml fleet serve`` as a real process."""
 
-    def __init__(self, broker_url: str, db_url: str, log: Path, http: bool = False):
-        self.args = [sys.executable, "-m", "edgeml.cli", "fleet", "serve", "--broker", broker_url, "--db", db_url]
+    def __init__(self, broker_url: str, db_url: str, log: Path, http: bool = False, extra=()):
+        self.args = [sys.executable, "-m", "edgeml.cli", "fleet", "serve", "--broker", broker_url, "--db", db_url,
+                     *extra]
         self.http_port = free_port() if http else None
         if http:
             self.args += ["--http", f"127.0.0.1:{self.http_port}"]

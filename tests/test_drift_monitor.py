@@ -175,3 +175,16 @@ def test_requests_for_another_version_are_not_counted(digits):
     monitor.inference("digits", 2, 0.1, {"x": x[:5]}, {"probs": model.predict_proba(x[:5])})
     monitor.close_window()
     assert [r["kind"] for r in records] == ["baseline"] and monitor.last["samples"] == 0
+
+
+def test_the_request_path_only_hands_over_and_a_burst_beyond_the_bound_is_skipped_and_counted(digits):
+    x, model, baseline = digits
+    records = []
+    monitor = _monitor(baseline, records)  # no counting thread: requests wait until the window closes
+    probs = model.predict_proba(x[:300])
+    for i in range(300):
+        monitor.inference("digits", 1, 0.1, {"x": x[i : i + 1]}, {"probs": probs[i : i + 1]})
+    assert len(monitor._pending) == SETTINGS.max_pending and monitor.skipped == 300 - SETTINGS.max_pending
+    monitor.close_window()
+    window = [r for r in records if r["kind"] == "drift"][-1]
+    assert window["samples"] == SETTINGS.max_pending and window["skipped"] == 300 - SETTINGS.max_pending

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 import threading
+import urllib.request
+from http.server import BaseHTTPRequestHandler, HTTPServer
 
 import numpy as np
 import paho.mqtt.client as mqtt
@@ -28,12 +30,46 @@ def images(digits_dir):
         return data["image"]
 
 
+class Receiver:
+    """A webhook receiver on loopback that fails its first POST (a receiver restarting)."""
+
+    def __init__(self):
+        self.posts, self.refused = [], 0
+        receiver = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def do_POST(self):
+                body = self.rfile.read(int(self.headers["Content-Length"]))
+                status = 503 if receiver.refused == 0 else 200
+                if status == 503:
+                    receiver.refused += 1
+                else:
+                    receiver.posts.append(json.loads(body))
+                self.send_response(status)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+        self.httpd = HTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/alerts"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
 @pytest.fixture()
 def drift_fleet(tmp_path, mosquitto, digits_dir, digits_int8_artifact):
     config = tmp_path / "agent.toml"
     config.write_text(MONITORING)
     db = f"sqlite:///{tmp_path / 'fleet.db'}"
-    serve = FleetServe(mosquitto.url, db, tmp_path / "serve.log").start()
+    receiver = Receiver()
+    serve = FleetServe(mosquitto.url, db, tmp_path / "serve.log", http=True,
+                       extra=["--alert-webhook", receiver.url]).start()
+    serve.receiver = receiver
     events, lock = [], threading.Lock()
     listener = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
 
@@ -47,12 +83,13 @@ def drift_fleet(tmp_path, mosquitto, digits_dir, digits_int8_artifact):
     listener.loop_start()
     agents = {d: AgentProcess(digits_int8_artifact, digits_dir / "keys" / "signing.pub", tmp_path / d, device=d,
                               broker=mosquitto.url, config=config).start() for d in ("dev1", "dev2")}
-    yield db, agents, events
+    yield db, agents, events, serve
     for a in agents.values():
         a.terminate()
     listener.loop_stop()
     listener.disconnect()
     serve.stop()
+    receiver.close()
 
 
 def _send(agent, x: np.ndarray) -> None:
@@ -62,7 +99,7 @@ def _send(agent, x: np.ndarray) -> None:
 
 
 def test_a_shifted_device_alerts_and_the_host_judges_the_fleet_from_window_histograms(drift_fleet, images):
-    db, agents, events = drift_fleet
+    db, agents, events, serve = drift_fleet
     normal = images[:160]
     shifted = np.clip(images[:160] * 0.4 + 0.6, 0, 1).astype(np.float32)  # washed-out digits, a new camera
     _send(agents["dev1"], normal)
@@ -77,6 +114,13 @@ def test_a_shifted_device_alerts_and_the_host_judges_the_fleet_from_window_histo
     # the same alert went out on the events topic as it happened
     wait_until(lambda: any(e.get("event") == "alert" and e["device"] == "dev2" for e in list(events)), 10,
                "the alert on the events topic")
+
+    # posted to the webhook (its first POST failed and was retried), and counted in /metrics
+    posted = wait_until(lambda: [p for p in serve.receiver.posts if p["alert"] == "input_drift"], 15, "the webhook")
+    assert serve.receiver.refused == 1 and posted[0]["device"] == "dev2" and posted[0]["state"] == "raised"
+    metrics = urllib.request.urlopen(f"http://127.0.0.1:{serve.http_port}/metrics", timeout=10).read().decode()
+    assert 'edgeml_fleet_alerts_open{fleet="f1",alert="input_drift"} 1' in metrics, metrics
+    assert 'edgeml_fleet_devices{fleet="f1",presence="online"} 2' in metrics
 
     by_device = cli_json("fleet", "drift", "--fleet", "f1", "--db", db)
     rows = {r["device"]: r for r in by_device["rows"]}
@@ -100,11 +144,15 @@ def test_a_shifted_device_alerts_and_the_host_judges_the_fleet_from_window_histo
     done = wait_until(cleared, 40, "the alerts to clear", interval=0.2)
     states = {(a["device"], a["alert"]): a["state"] for a in done["alerts"]}
     assert states[("dev2", "input_drift")] == "cleared"
+    wait_until(lambda: any(p["state"] == "cleared" for p in serve.receiver.posts), 15, "the clearing posted")
+    assert len([p for p in serve.receiver.posts if p["alert"] == "input_drift" and p["state"] == "raised"]) == 1
     table = cli("fleet", "alerts", "--db", db)
     assert table.returncode == 0 and "cleared" in table.stdout and "dev2" in table.stdout
 
 
 def test_fleet_drift_explains_bad_arguments_in_one_line(tmp_path):
+    proc = cli("fleet", "serve", "--broker", "mqtt://127.0.0.1:1", "--db", "sqlite:///x.db", "--alert-webhook", "ftp://x")
+    assert proc.returncode == 2 and "--alert-webhook" in proc.stderr and proc.stderr.strip().count("\n") == 0
     db = f"sqlite:///{tmp_path / 'empty.db'}"
     from edgeml.fleet import open_store
 

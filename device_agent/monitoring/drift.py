@@ -52,6 +52,7 @@ class DriftSettings:
     alpha: float = 0.01  # and a feature counts only if a shift that large is unlikely to be chance
     #                      (G-test p below alpha / features judged: small windows always look a little drifted)
     max_values: int = 4096  # values counted per channel and request (an even stride over larger inputs)
+    max_pending: int = 256  # requests waiting to be counted; beyond, they are skipped (and counted as such)
 
 
 class DriftMonitor:
@@ -69,6 +70,8 @@ class DriftMonitor:
         self._read(baseline or {})
         self._confidence_sum = 0.0
         self._samples = 0
+        self._pending: deque = deque()  # requests handed over, not yet counted
+        self.skipped = 0  # requests not counted this window: the counting thread was behind
         self._history: deque = deque(maxlen=max(int(settings.windows), 1))  # (samples, {key: counts}, conf, legacy)
         self.alerts: Dict[str, dict] = {}  # open alerts by kind
         self.last: Optional[dict] = None  # the last judgement, for status and tests
@@ -113,8 +116,29 @@ class DriftMonitor:
     # --- the request path -------------------------------------------------------------------------
 
     def inference(self, model, version, latency_ms, inputs, outputs, run_ms=None) -> None:
+        """On the request path: only a hand-over to the counting thread (a deque append). When
+        counting falls behind by ``max_pending`` requests, further ones are skipped and counted
+        as skipped, so a burst never slows serving or grows memory."""
         if version != self.version or model != self.model:
             return
+        if len(self._pending) >= self.settings.max_pending:
+            self.skipped += 1
+            return
+        self._pending.append((inputs, outputs))
+
+    def drain(self) -> None:
+        """Count what the request path handed over (the counting thread does this every 50 ms)."""
+        while True:
+            try:
+                inputs, outputs = self._pending.popleft()
+            except IndexError:
+                return
+            try:
+                self._count(inputs, outputs)
+            except Exception:  # a request the monitor cannot read must not stop the counting
+                log.exception("drift: a request could not be counted")
+
+    def _count(self, inputs, outputs) -> None:
         counted: Dict[str, np.ndarray] = {}
         legacy: Dict[str, np.ndarray] = {}
         samples, confidence = 0, 0.0
@@ -160,7 +184,8 @@ class DriftMonitor:
     # --- windows and judgements -----------------------------------------------------------------
 
     def _run(self) -> None:
-        while not self._stop.wait(min(1.0, self.settings.window_s / 4)):
+        while not self._stop.wait(0.05):
+            self.drain()
             self.tick()
 
     def tick(self) -> None:
@@ -171,6 +196,7 @@ class DriftMonitor:
 
     def close_window(self, now: Optional[float] = None) -> None:
         now = self.clock() if now is None else now
+        self.drain()
         with self._lock:
             elapsed, self._window_start = now - self._window_start, now
             window = {key: f.current for key, f in self.features.items()}
@@ -179,10 +205,11 @@ class DriftMonitor:
             samples, self._samples = self._samples, 0
             confidence, self._confidence_sum = self._confidence_sum, 0.0
             legacy, self._legacy_sums = self._legacy_sums, {}
+            skipped, self.skipped = self.skipped, 0
             self._history.append((samples, window, confidence, legacy))
             judged = self._judge()
         if samples:
-            self.emit(self._window_record(window, samples, confidence, elapsed, judged))
+            self.emit({**self._window_record(window, samples, confidence, elapsed, judged), "skipped": skipped})
         self._alerts(judged)
 
     def _window_record(self, window: dict, samples: int, confidence: float, elapsed: float, judged: dict) -> dict:
@@ -276,7 +303,7 @@ class DriftMonitor:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=5)
-        if self._samples:
+        if self._samples or self._pending:
             self.close_window()
 
 

@@ -96,10 +96,12 @@ def _stats_line(stats: dict) -> str:
 @fleet.command("serve")
 @broker_options
 @db_option
-@click.option("--http", metavar="HOST:PORT", help="Also serve artifacts over HTTP (Range requests) here.")
+@click.option("--http", metavar="HOST:PORT", help="Also serve artifacts over HTTP (Range requests) and /metrics "
+                                                 "(Prometheus text) here.")
+@click.option("--alert-webhook", metavar="URL", help="POST every alert devices raise or clear here, as JSON.")
 @json_option
 def fleet_serve(broker, db_url, username, password_file, ca_file, cert_file, key_file, group, client_id, http,
-                as_json) -> None:
+                alert_webhook, as_json) -> None:
     """Run the controller, the collector and the artifact server until SIGTERM or Ctrl-C."""
     import signal
     import threading
@@ -108,6 +110,10 @@ def fleet_serve(broker, db_url, username, password_file, ca_file, cert_file, key
     from edgeml.fleet.server import serve_fleet
 
     parse_broker_url(broker)
+    if alert_webhook:
+        from edgeml.fleet.alerting import check_webhook_url
+
+        check_webhook_url(alert_webhook)
     password = _read_password(password_file, username)
     stop = threading.Event()
     previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGTERM, signal.SIGINT)}
@@ -123,7 +129,7 @@ def fleet_serve(broker, db_url, username, password_file, ca_file, cert_file, key
     try:
         stats = serve_fleet(broker, db_url, stop, http=http, username=username, password=password, ca_file=ca_file,
                             cert_file=cert_file, key_file=key_file, group=group, client_id=client_id,
-                            on_ready=ready, on_progress=_every(10.0, progress))
+                            alert_webhook=alert_webhook, on_ready=ready, on_progress=_every(10.0, progress))
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)

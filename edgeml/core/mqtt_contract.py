@@ -27,7 +27,8 @@ Every record has ``seq`` (per device, from 1, strictly increasing, never reused,
     baseline     model, version, sha256, baseline {"inputs": {name: {"axis", "bins"}}, "outputs"}: the
                  artifact's histograms, sent when a model starts serving, so the host judges windows with them
     drift        model, version, sha256, window_s, samples, inputs {name: {"axis", "counts"}},
-                 outputs {name: {"classes" | "confidence" (+ "confidence_sum") | "values": counts}}, scores:
+                 outputs {name: {"classes" | "confidence" (+ "confidence_sum") | "values": counts}}, scores,
+                 skipped (requests not counted: the counting thread was behind):
                  one window's counts in the artifact's baseline bins (edgeml.core.drift); they add up
     alert        model, version, alert (input_drift | prediction_drift | confidence_drop), state (raised |
                  cleared), since, features (the worst, with their scores), samples

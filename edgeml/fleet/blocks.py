@@ -135,9 +135,11 @@ _ARTIFACT_PATH = re.compile(r"^/artifacts/([0-9a-f]{64})(?:\.edgeml)?$")
 
 
 class HttpArtifacts:
-    """``GET /artifacts/<sha256>[.edgeml]`` with Range support, for ``fleet push --url``; /healthz."""
+    """``GET /artifacts/<sha256>[.edgeml]`` with Range support, for ``fleet push --url``; /healthz;
+    and ``pages``: more paths, each a function returning ``(content type, text)``."""
 
-    def __init__(self, store: Store, host: str, port: int):
+    def __init__(self, store: Store, host: str, port: int, pages: Optional[dict] = None):
+        self.pages = dict(pages or {})
         server = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -164,6 +166,14 @@ class HttpArtifacts:
     def _get(self, h: BaseHTTPRequestHandler) -> None:
         if h.path == "/healthz":
             return _send(h, 200, b"ok\n")
+        page = self.pages.get(h.path.split("?")[0])
+        if page is not None:
+            try:
+                kind, text = page()
+            except Exception as exc:  # the store away: say so, keep serving
+                log.warning("http %s failed: %s", h.path, exc)
+                return _send(h, 503, f"unavailable: {type(exc).__name__}\n".encode())
+            return _send(h, 200, text.encode(), kind)
         m = _ARTIFACT_PATH.match(h.path.split("?")[0])
         data = self.store.blob(m[1]) if m else None
         if data is None:

@@ -23,6 +23,7 @@ from paho.mqtt.subscribeoptions import SubscribeOptions
 from edgeml.core import mqtt_contract as contract
 from edgeml.core.errors import InputError, first_line
 
+from .alerting import AlertWebhook, check_webhook_url, fleet_metrics
 from .blocks import BlockServer, HttpArtifacts
 from .collector import FATAL_CONNACK, Collector, _set_tls, parse_broker_url
 from .controller import Controller
@@ -115,16 +116,23 @@ class ControlLink:
 def serve_fleet(broker_url: str, db_url: str, stop: threading.Event, *, http: Optional[str] = None,
                 username=None, password=None, ca_file=None, cert_file=None, key_file=None,
                 group: str = contract.SHARED_GROUP, client_id: Optional[str] = None, tick_s: float = 0.5,
+                alert_webhook: Optional[str] = None,
                 on_progress: Optional[Callable[[dict], None]] = None, on_ready: Optional[Callable[[dict], None]] = None
                 ) -> dict:
-    """Collector, controller and artifact server until ``stop`` is set; their figures."""
+    """Collector, controller and artifact server until ``stop`` is set; their figures. With
+    ``http``, also ``/metrics`` (Prometheus text: devices, alerts, rollouts, records); with
+    ``alert_webhook``, every alert devices raise or clear is posted there as JSON."""
     tls = dict(username=username, password=password, ca_file=ca_file, cert_file=cert_file, key_file=key_file)
-    stores = [open_store(db_url) for _ in range(3)]  # collector, controller, block server: one connection each
+    if alert_webhook:
+        check_webhook_url(alert_webhook)
+    # collector, controller, block server, alert webhook: one connection each
+    stores = [open_store(db_url) for _ in range(4 if alert_webhook else 3)]
     collector = Collector(broker_url, stores[0], group=group, client_id=client_id, **tls)
     blocks = BlockServer(stores[2], lambda *a, **k: link.publish(*a, **k))
     link = ControlLink(broker_url, on_request=blocks.handle, **tls)
     controller = Controller(stores[1], link.publish_confirmed)
     web = None
+    webhook = AlertWebhook(stores[3], alert_webhook) if alert_webhook else None
     errors: list = []
     stats = {"desired_published": 0}
 
@@ -140,7 +148,8 @@ def serve_fleet(broker_url: str, db_url: str, stop: threading.Event, *, http: Op
         if http:
             host, _, port = http.rpartition(":")
             try:
-                web = HttpArtifacts(stores[2], host or "127.0.0.1", int(port))
+                pages = {"/metrics": lambda: ("text/plain; version=0.0.4", fleet_metrics(stores[2]))}
+                web = HttpArtifacts(stores[2], host or "127.0.0.1", int(port), pages=pages)
             except (OSError, ValueError) as exc:
                 raise InputError(f"cannot serve HTTP on {http}: {first_line(exc)}") from exc
         threads[0].start()
@@ -169,6 +178,8 @@ def serve_fleet(broker_url: str, db_url: str, stop: threading.Event, *, http: Op
         for thread in threads:
             thread.join(30)
         blocks.stop()
+        if webhook:
+            webhook.stop()
         link.stop()
         if web:
             web.stop()
@@ -176,4 +187,5 @@ def serve_fleet(broker_url: str, db_url: str, stop: threading.Event, *, http: Op
             store.close()
     if errors:
         raise errors[0]
-    return {**collector.stats(), **stats, **{f"blocks_{k}": v for k, v in blocks.stats.items()}}
+    webhook_stats = {f"webhook_{k}": v for k, v in webhook.stats.items()} if webhook else {}
+    return {**collector.stats(), **stats, **{f"blocks_{k}": v for k, v in blocks.stats.items()}, **webhook_stats}
