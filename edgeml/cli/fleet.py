@@ -212,11 +212,11 @@ def fleet_drift_command(db_url, fleet_id, by, rollout, since, as_json) -> None:
         table.add_column(col, justify="right" if col in ("devices", "windows", "samples", "JS max", "PSI max") else "left")
     for r in result["rows"]:
         if not r["judged"]:
-            table.add_row(r[by], f"{r['model']} v{r['version']}", str(len(r["devices"])), str(r["windows"]),
+            table.add_row(r["group"], f"{r['model']} v{r['version']}", str(len(r["devices"])), str(r["windows"]),
                           str(r["samples"]), "-", "-", "-", "-", "-", r["reason"])
             continue
         conf = r.get("confidence")
-        table.add_row(r[by], f"{r['model']} v{r['version']}", str(len(r["devices"])), str(r["windows"]), str(r["samples"]),
+        table.add_row(r["group"], f"{r['model']} v{r['version']}", str(len(r["devices"])), str(r["windows"]), str(r["samples"]),
                       "DRIFT" if r["input_drift"] else "ok", "DRIFT" if r["prediction_drift"] else "ok",
                       _num(r["js_max"]), _num(r["psi_max"]),
                       f"{conf['live']:.3f} (baseline {conf['baseline']:.3f})" if conf else "-",

@@ -20,9 +20,10 @@ WORST = 5
 def fleet_drift(store, fleet: str, by: str = "device", since_s: Optional[float] = 3600.0,
                 rollout: Optional[str] = None, alpha: float = 0.01, js_threshold: float = drift.JS_THRESHOLD,
                 psi_threshold: float = drift.PSI_THRESHOLD) -> dict:
-    """Rows of drift per group (``by``: fleet, device, version or a rollout's wave) over the
-    windows of the last ``since_s`` seconds (None: all). Groups are always split by model
-    version as well: versions have their own bins."""
+    """Rows of drift per group (``by``: fleet, device, version or a rollout's wave; the row's
+    ``group`` names it: the fleet, the device id, "v3", "wave 2") over the windows of the last
+    ``since_s`` seconds (None: all). Groups are always split by model version as well: versions
+    have their own bins."""
     if by not in BY:
         raise UsageError(f"--by must be one of {', '.join(BY)}, got {by!r}")
     waves = _waves(store, fleet, rollout) if by == "wave" else {}
@@ -52,7 +53,7 @@ def fleet_drift(store, fleet: str, by: str = "device", since_s: Optional[float] 
     rows = []
     for (label, model, version, sha), g in sorted(groups.items(), key=lambda kv: (str(kv[0][0]), str(kv[0][2]))):
         base = baselines.get(sha)
-        row = {by: label, "model": model, "version": version, "sha256": sha, "devices": sorted(g["devices"]),
+        row = {"group": label, "model": model, "version": version, "sha256": sha, "devices": sorted(g["devices"]),
                "windows": g["windows"], "samples": g["samples"], "first_ts": g["first"], "last_ts": g["last"]}
         if base is None:
             row.update(judged=False, reason="no baseline record for this artifact has reached the host yet")
