@@ -85,3 +85,19 @@ def bench(artifact: Path, data: str, public_key, runs: int, samples: int, as_jso
     table.add_row(str(result["model_bytes"]), str(result["file_bytes"]), acc, f"{lat['median_ms']:.3f}",
                   f"{lat['p95_ms']:.3f}", str(lat["runs"]), "pass" if result["selftest"]["ok"] else "FAIL")
     stdout_console().print(table)
+
+
+@click.command()
+@click.argument("artifact", type=click.Path(path_type=Path))
+@click.option("-o", "--output", type=click.Path(path_type=Path), required=True, help="The HTML file to write.")
+@json_option
+def report(artifact: Path, output: Path, as_json: bool) -> None:
+    """Write an artifact's optimization report (candidates, plot, stages, manifest) as one HTML page."""
+    from edgeml.optimizer.report_html import write_report
+
+    result = write_report(artifact, output)
+    if as_json:
+        emit(result)
+    else:
+        click.echo(f"wrote {result['report']} ({result['bytes']} bytes, {result['candidates']} candidates, kept "
+                   f"{result['kept']})")

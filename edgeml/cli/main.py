@@ -25,7 +25,8 @@ def cli(verbose: int) -> None:
     logging.basicConfig(level=level, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
 
 
-for command in (keys.keys, optimize.optimize, artifact.inspect, artifact.verify, artifact.bench, fleet.fleet):
+for command in (keys.keys, optimize.optimize, artifact.inspect, artifact.verify, artifact.bench, artifact.report,
+                fleet.fleet):
     cli.add_command(command)
 for command in rollouts.COMMANDS:
     fleet.fleet.add_command(command)

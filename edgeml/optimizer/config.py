@@ -126,7 +126,7 @@ class OptimizeConfig:
             raise UsageError(f"the output {self.output} is a directory; name a file such as {self.output / 'model.edgeml'}")
         if not self.output.parent.exists():
             raise UsageError(f"the output folder {self.output.parent} does not exist; create it first")
-        _check_writable(self.output.parent)
+        check_writable(self.output.parent)
         return self
 
     @property
@@ -151,7 +151,7 @@ class OptimizeConfig:
         return {k: (str(v) if isinstance(v, Path) else v) for k, v in d.items() if k != "key"}
 
 
-def _check_writable(folder: Path) -> None:
+def check_writable(folder: Path) -> None:
     """Write a probe file now rather than find out after minutes of building (permissions, a
     read-only mount or a full disk; os.access does not see the last two, nor anything as root)."""
     import tempfile
