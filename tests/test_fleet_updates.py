@@ -20,6 +20,7 @@ from fleet_harness import (
     env_with,
     later_versions,
     resign,
+    show,
     state_file,
     trap_artifact,
     wait_for_rollout,
@@ -303,3 +304,35 @@ def test_blocks_changed_duplicated_reversed_or_never_answered(tmp_path, mosquitt
     finally:
         host.close()
         a.kill()
+
+
+def test_a_rollout_held_at_a_wave_compares_the_cohorts_with_significance_tests(fleet, versions, images):
+    """Two of four devices take the "slow" model (slow on bright inputs, other weights) and the
+    rollout is paused: the comparison calls the new version slower and its class mix different,
+    and does not call the error rates different."""
+    agents = {d: fleet.agent(d) for d in ("dev1", "dev2", "dev3", "dev4")}
+    fleet.online(*agents)
+    pollers = [Poller(a, images).start() for a in agents.values()]
+    pushed = fleet.push(versions["slow"], "--waves", "2,100%", "--health-window", "2s", "--abort-on", "")
+    wait_until(lambda: show(fleet.db, pushed["rollout"])["wave"] == 1, 30, "wave 1")
+    cli_json("fleet", "rollout", "pause", pushed["rollout"], "--db", fleet.db)
+    r = wait_until(lambda: (r := show(fleet.db, pushed["rollout"])) and
+                   sum(d["state"] == "committed" for d in r["devices"]) == 2 and r, 60, "wave 1 committed")
+    for p in pollers:
+        p.stop()
+    new = sorted(d["device"] for d in r["devices"] if d["state"] == "committed")
+    for a in agents.values():  # bright inputs: the slow model loops on them, the old one does not care
+        for i in range(60):
+            status, _ = a.infer("digits", {"image": (images[i % len(images)][None] * 50).astype(np.float32)})
+            assert status == 200
+    result = wait_until(lambda: (c := cli_json("fleet", "rollout", "compare", pushed["rollout"], "--db", fleet.db))
+                        ["cohorts"]["new"]["requests"] >= 120 and c["cohorts"]["old"]["requests"] >= 120 and c,
+                        30, "the bright requests in the store")
+    assert result["cohorts"]["new"]["devices"] == new
+    assert sorted(result["cohorts"]["old"]["devices"]) == sorted(set(agents) - set(new))
+    latency = result["tests"]["latency"]
+    assert latency["verdict"] == "new version slower" and latency["p"] < 0.01 and latency["p_greater"] > 0.5
+    assert result["tests"]["predictions"]["verdict"] == "different"
+    assert result["tests"]["error_rate"]["verdict"] == "no significant difference"
+    table = cli("fleet", "rollout", "compare", pushed["rollout"][:12], "--db", fleet.db)
+    assert table.returncode == 0 and "new version slower" in table.stdout

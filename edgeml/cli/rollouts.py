@@ -166,6 +166,42 @@ def rollout_show(rollout_id, db_url, as_json) -> None:
     out.print(table)
 
 
+@fleet_rollout.command("compare")
+@click.argument("rollout_id")
+@db_option
+@json_option
+def rollout_compare(rollout_id, db_url, as_json) -> None:
+    """A/B: the rollout's devices on the new version against those still on the old one (latency,
+    error rate, predicted classes since the rollout began), each with a significance test."""
+    from edgeml.fleet import open_store
+    from edgeml.fleet.compare import compare_rollout
+
+    with open_store(db_url, create=False) as store:
+        result = compare_rollout(store, rollout_id)
+    if as_json:
+        emit(result)
+        return
+    from rich.table import Table
+
+    out = stdout_console()
+    t = result["target"]
+    out.print(f"[bold]{result['rollout']}[/] {t['name']} v{t['version']} in {result['fleet']}: {result['state']}, "
+              f"wave {result['wave']}")
+    table = Table()
+    for col in ("cohort", "devices", "requests", "errors", "error rate", "p50 ms", "p95 ms"):
+        table.add_column(col, justify="left" if col in ("cohort", "devices") else "right")
+    for name, c in result["cohorts"].items():
+        table.add_row(name, ", ".join(c["devices"]) or "-", str(c["requests"]), str(c["errors"]),
+                      f"{c['error_rate']:.4f}", "-" if c["latency_p50_ms"] is None else f"{c['latency_p50_ms']:.3f}",
+                      "-" if c["latency_p95_ms"] is None else f"{c['latency_p95_ms']:.3f}")
+    out.print(table)
+    if result.get("reason"):
+        out.print(result["reason"])
+    for name, test in result["tests"].items():
+        p = "-" if test.get("p") is None else f"{test['p']:.3g}"
+        out.print(f"{name}: {test['verdict']} ({test['test']}, p {p}, at p < {result['alpha']})")
+
+
 def _action(action):
     @click.argument("rollout_id")
     @db_option

@@ -1,0 +1,29 @@
+"""The tests ``fleet rollout compare`` runs (edgeml/fleet/compare.py), against SciPy's."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from scipy import stats
+
+from edgeml.fleet.compare import mann_whitney, two_proportions
+
+
+@pytest.mark.parametrize("shift,ties", [(0.0, False), (0.3, False), (0.0, True), (0.5, True)])
+def test_mann_whitney_matches_scipy(shift, ties):
+    rng = np.random.default_rng(0)
+    a, b = rng.lognormal(size=400), rng.lognormal(size=300) * np.exp(shift)
+    if ties:  # latencies rounded to 0.001 ms tie a lot
+        a, b = np.round(a, 1), np.round(b, 1)
+    ours = mann_whitney(a, b)
+    theirs = stats.mannwhitneyu(b, a, alternative="two-sided", method="asymptotic", use_continuity=False)
+    assert ours["p"] == pytest.approx(theirs.pvalue, rel=1e-6)
+    assert ours["p_greater"] == pytest.approx(theirs.statistic / (len(a) * len(b)), abs=1e-4)
+
+
+def test_two_proportions():
+    assert two_proportions(5, 1000, 5, 1000) == pytest.approx(1.0)
+    assert two_proportions(5, 1000, 40, 1000) < 1e-4
+    table = np.array([[5, 995], [40, 960]])
+    chi2 = stats.chi2_contingency(table, correction=False)
+    assert two_proportions(5, 1000, 40, 1000) == pytest.approx(chi2.pvalue, rel=1e-6)  # the z-test is the 2x2 chi-squared
+    assert two_proportions(0, 0, 1, 10) is None
