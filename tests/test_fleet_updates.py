@@ -336,3 +336,19 @@ def test_a_rollout_held_at_a_wave_compares_the_cohorts_with_significance_tests(f
     assert result["tests"]["error_rate"]["verdict"] == "no significant difference"
     table = cli("fleet", "rollout", "compare", pushed["rollout"][:12], "--db", fleet.db)
     assert table.returncode == 0 and "new version slower" in table.stdout
+
+
+def test_an_ab_rule_aborts_when_the_new_cohort_is_significantly_slower(fleet, versions, images):
+    """``ab_latency>1.5x``: no fixed latency threshold, the comparison of the cohorts decides."""
+    agents = {d: fleet.agent(d) for d in ("dev1", "dev2", "dev3")}
+    fleet.online(*agents)
+    pollers = [Poller(a, images, scale=50).start() for a in agents.values()]  # bright: the slow model loops
+    try:
+        pushed = fleet.push(versions["slow"], "--waves", "1,100%", "--health-window", "30s", "--abort-on",
+                            "ab_latency>1.5x")
+        r = wait_for_rollout(fleet.db, pushed["rollout"], ("aborted",), timeout=90)
+    finally:
+        for p in pollers:
+            p.stop()
+    assert "answer slower" in r["reason"] and "Mann-Whitney" in r["reason"], r["reason"]
+    assert all(d["state"] in ("returned", "skipped", "stays") for d in r["devices"]), r["devices"]

@@ -129,6 +129,10 @@ METRICS = {
     "nan_rate": ("device", ("", "%")),          # share of responses holding NaN or infinity
     "class_shift": ("device", ("",)),           # Jensen-Shannon distance of predicted classes vs the artifact's baseline
     "failed": ("fleet", ("%", "")),             # share of the rollout's started devices that failed or rolled back
+    # A/B (edgeml.fleet.compare): the new version's devices against those not switched, broken only
+    # when the difference is past the factor and significant (p < 0.01), not on a fixed threshold
+    "ab_latency": ("cohort", ("x",)),          # new cohort's p50 latency over the old cohort's
+    "ab_error_rate": ("cohort", ("x",)),       # new cohort's error rate over the old cohort's
 }
 DEFAULT_RULES = "error_rate>0.05,latency_p95>1.5x,nan_rate>0,failed>10%"
 # A relative latency rule holds a model to account only for more than this much: windows are

@@ -32,6 +32,7 @@ log = logging.getLogger("edgeml.fleet.controller")
 
 REPUBLISH_S = 30.0  # a started device that does not report working on its rollout gets its desired again
 ROLLBACK_WINDOW_S = 30.0  # health window of the way back after an abort
+COMPARE_EVERY_S = 5.0  # A/B rules compare a rollout's cohorts at most this often (it reads their telemetry)
 
 
 class Controller:
@@ -39,6 +40,7 @@ class Controller:
                  republish_s: float = REPUBLISH_S):
         self.store, self.publish, self.republish_s = store, publish, republish_s
         self._transfers: Dict[str, dict] = {}  # content_sha256 -> full transfer of an artifact the store holds
+        self._compared: Dict[str, float] = {}  # rollout -> when its cohorts were last compared
 
     def tick(self) -> int:
         """One pass over every active rollout; how many desired messages were published."""
@@ -71,14 +73,16 @@ class Controller:
                 self.store.update_assignment(r["id"], a["device"], state=state, detail=detail)
                 a["state"], a["detail"] = state, detail
         if r["state"] in ("running", "paused"):
-            broken = fleet_violations(r, assignments)
+            broken = fleet_violations(r, assignments) + self._cohort_violations(r, now)
             if broken:
                 reason = "abort rule: " + "; ".join(broken)
                 log.warning("rollout %s: %s", r["id"], reason)
                 start_abort(self.store, r["id"], reason)
                 r["state"], r["reason"] = "aborting", reason
-                for a in assignments:
-                    a["desired_at"] = None
+                # the next pass sees each device's state as an aborting rollout's (a device in its
+                # health window is then "returning"); finishing the abort now would leave it on the
+                # model being aborted
+                return []
         sends: List[Tuple[str, bytes]] = []
         if r["state"] == "aborting":
             self._abort(r, assignments, now)
@@ -127,6 +131,18 @@ class Controller:
         if a["state"] == "timed_out" and state not in DONE:
             state = "timed_out"  # a wave stopped waiting for it; it may still commit later
         return state, detail
+
+    def _cohort_violations(self, r: dict, now: float) -> List[str]:
+        """The A/B rules (``ab_latency>1.2x``) the comparison of the rollout's cohorts breaks,
+        judged at most every COMPARE_EVERY_S per rollout (it reads the rollout's telemetry)."""
+        rules = [rule for rule in uc.parse_rules(r["plan"]["health"]["rules"]) if rule.where == "cohort"]
+        if not rules or now - self._compared.get(r["id"], 0.0) < COMPARE_EVERY_S:
+            return []
+        self._compared[r["id"]] = now
+        from .compare import ALPHA, compare_rollout
+
+        result = compare_rollout(self.store, r["id"])
+        return cohort_violations(rules, result, ALPHA)
 
     def _waves(self, r: dict, assignments: List[dict], now: float) -> None:
         plan, k = r["plan"], r["wave"]
@@ -231,6 +247,26 @@ def start_abort(store: Store, rollout_id: str, reason: str) -> None:
     back (the desired messages are due again)."""
     store.update_rollout(rollout_id, state="aborting", reason=reason)
     store.reset_desired(rollout_id)
+
+
+def cohort_violations(rules, result: dict, alpha: float) -> List[str]:
+    """What ``rules`` say of a comparison (``compare_rollout``): broken when the new cohort is worse
+    by more than the factor and the test calls the difference significant."""
+    old, new, tests = result["cohorts"]["old"], result["cohorts"]["new"], result["tests"]
+    out = []
+    for rule in rules:
+        if rule.metric == "ab_latency" and "latency" in tests and old["latency_p50_ms"]:
+            ratio, test = new["latency_p50_ms"] / old["latency_p50_ms"], tests["latency"]
+            if ratio > rule.threshold and test["p"] is not None and test["p"] < alpha and test["p_greater"] > 0.5:
+                out.append(f"the new version's devices answer slower: p50 {new['latency_p50_ms']:.3f} ms against "
+                           f"{old['latency_p50_ms']:.3f} ms ({ratio:.2f}x > {rule}, Mann-Whitney p {test['p']:.2g})")
+        if rule.metric == "ab_error_rate" and "error_rate" in tests:
+            test = tests["error_rate"]
+            base = max(old["error_rate"], 1.0 / max(old["requests"] + old["errors"], 1))
+            if new["error_rate"] > rule.threshold * base and test["p"] is not None and test["p"] < alpha:
+                out.append(f"the new version's devices fail more: error rate {new['error_rate']:.4f} against "
+                           f"{old['error_rate']:.4f} (> {rule}, z-test p {test['p']:.2g})")
+    return out
 
 
 def fleet_violations(r: dict, assignments: List[dict]) -> List[str]:
