@@ -45,6 +45,10 @@ RUN_FLAGS = (  # (flag, config key, type, help)
     ("--psi-threshold", "psi_threshold", float, "PSI past which a feature drifted [default: 0.2]"),
     ("--confidence-drop", "confidence_drop", float, "drop of mean top-1 confidence that alerts [default: 0.1]"),
     ("--clear-ratio", "clear_ratio", float, "an alert clears below this share of its threshold [default: 0.7]"),
+    ("--feedback", "feedback", lambda text: _on_off(text), "on or off: keep requests for ground truth [default: off]"),
+    ("--feedback-sample", "feedback_sample", float, "share of requests kept waiting for a label [default: 1.0]"),
+    ("--feedback-pending", "feedback_pending", int, "requests waiting for a label at most [default: 1000]"),
+    ("--feedback-max-bytes", "feedback_max_bytes", int, "bound of the labelled-sample reservoir [default: 16 MiB]"),
 )
 
 

@@ -38,6 +38,12 @@
     confidence_drop = 0.1                         # mean top-1 confidence this far below the baseline's
     clear_ratio = 0.7                             # an alert clears once every score is below this share of its threshold
 
+    [feedback]                                    # ground truth for earlier requests (off: inputs can be private)
+    enabled = false                               # true: responses carry an id; POST .../feedback labels it
+    sample = 1.0                                  # share of requests kept waiting for a label
+    pending = 1000                                # requests waiting for a label, the oldest forgotten first
+    max_bytes = 16777216                          # the reservoir of labelled samples on disk, inputs included
+
 Relative paths in the file are relative to the file.
 """
 from __future__ import annotations
@@ -87,6 +93,10 @@ class AgentConfig:
     psi_threshold: float = 0.2
     confidence_drop: float = 0.1
     clear_ratio: float = 0.7
+    feedback: bool = False
+    feedback_sample: float = 1.0
+    feedback_pending: int = 1000
+    feedback_max_bytes: int = 16 << 20
     source: Optional[Path] = field(default=None, compare=False)  # the TOML file, for SIGHUP
 
     @property
@@ -116,7 +126,11 @@ SECTIONS = {
     "updates": ("fetch_timeout_s", "fetch_attempts"),
     "monitoring": ("drift", "drift_window_s", "drift_windows", "drift_min_samples", "js_threshold", "psi_threshold",
                    "confidence_drop", "clear_ratio"),
+    "feedback": ("enabled", "sample", "pending", "max_bytes"),
 }
+# keys of a section that mean another config key (the section names them plainly)
+SECTION_KEYS = {("feedback", "enabled"): "feedback", ("feedback", "sample"): "feedback_sample",
+                ("feedback", "pending"): "feedback_pending", ("feedback", "max_bytes"): "feedback_max_bytes"}
 
 
 def load_config(path: Optional[Path], flags: Dict[str, object]) -> AgentConfig:
@@ -162,6 +176,11 @@ def check(c: AgentConfig) -> None:
     for key in ("drift_windows", "drift_min_samples"):
         if int(getattr(c, key)) < 1:
             raise UsageError(f"{key} must be at least 1, got {getattr(c, key)}")
+    if not 0 < float(c.feedback_sample) <= 1:
+        raise UsageError(f"feedback sample must be above 0 and at most 1, got {c.feedback_sample}")
+    for key, low in (("feedback_pending", 1), ("feedback_max_bytes", 1024)):
+        if int(getattr(c, key)) < low:
+            raise UsageError(f"{key} must be at least {low}, got {getattr(c, key)}")
     if not 0 < float(c.clear_ratio) <= 1:
         raise UsageError(f"clear_ratio must be above 0 and at most 1, got {c.clear_ratio}")
     for key in ("stats_window_s", "system_interval_s", "ack_timeout_s", "fetch_timeout_s", "drift_window_s",
@@ -174,10 +193,11 @@ def check(c: AgentConfig) -> None:
             raise InputError(f"{key} {value} does not exist or is not a file")
 
 
-INTS = ("threads", "queue_max_bytes", "max_body_bytes", "fetch_attempts", "drift_windows", "drift_min_samples")
+INTS = ("threads", "queue_max_bytes", "max_body_bytes", "fetch_attempts", "drift_windows", "drift_min_samples",
+        "feedback_pending", "feedback_max_bytes")
 FLOATS = ("stats_window_s", "system_interval_s", "ack_timeout_s", "fetch_timeout_s", "drift_window_s",
-          "js_threshold", "psi_threshold", "confidence_drop", "clear_ratio")
-BOOLS = ("drift",)
+          "js_threshold", "psi_threshold", "confidence_drop", "clear_ratio", "feedback_sample")
+BOOLS = ("drift", "feedback")
 
 
 def _check_type(key: str, value) -> None:
@@ -206,9 +226,9 @@ def _read_toml(path: Path) -> Dict[str, object]:
     for key, value in doc.items():
         if isinstance(value, dict):
             if key not in SECTIONS or not key:
-                raise UsageError(f"config file {path}: unknown section [{key}]; use [mqtt], [telemetry], [updates] or [monitoring]")
+                raise UsageError(f"config file {path}: unknown section [{key}]; use [mqtt], [telemetry], [updates], [monitoring] or [feedback]")
             for sub, sub_value in value.items():
-                values[_known(path, key, sub)] = sub_value
+                values[SECTION_KEYS.get((key, sub)) or _known(path, key, sub)] = sub_value
         else:
             values[_known(path, "", key)] = value
     for key in PATH_KEYS:  # relative to the file, not to wherever the daemon was started

@@ -17,6 +17,7 @@ then ``agent.infer({...})``.
 """
 from __future__ import annotations
 
+import json
 import logging
 import signal
 import threading
@@ -44,6 +45,8 @@ class Agent:
         self.queue = None
         self.recorder = None
         self.drift = None  # drift of the serving model's inputs and predictions (None: off)
+        self.feedback = None  # ground truth for earlier requests and its reservoir (None: off)
+        self._chores = None  # the thread that hands feedback windows to telemetry and saves the reservoir
         self.monitor = None  # live health of the serving model, for updates
         self.sink = None  # what serving reports to: the recorder and the monitor
         self.api = None
@@ -74,10 +77,14 @@ class Agent:
         self.queue = TelemetryQueue(c.data_dir / QUEUE_FILE, c.queue_max_bytes)
         self.recorder = self._recorder(c)
         self.drift = self._drift(c)
+        self.feedback = self._feedback(c)
         self.sink = self._sink()
         self.api = self._api(c)
         self.link = self._link(c)
         self.updates = self._updates(c)
+        if self.feedback is not None:
+            self._chores = threading.Thread(target=self._feedback_chores, name="edgeml-feedback", daemon=True)
+            self._chores.start()
         log.info("serving %s v%s (%s) as %s/%s; api %s; broker %s", self.service.name, self.service.version,
                  self.service.format, c.fleet, c.device_id, self.api_url or "off", c.broker or "none (offline)")
         return self
@@ -92,6 +99,11 @@ class Agent:
             self.api.stop()
         if self.drift is not None:
             self.drift.close()  # its last window goes to the recorder before that closes
+        if self._chores is not None:
+            self._chores.join(5)
+        if self.feedback is not None:
+            self._feedback_window()
+            self.feedback.save()
         if self.recorder is not None:
             self.recorder.close()
         if self.link is not None:
@@ -194,6 +206,9 @@ class Agent:
             self.drift = self._drift(self.config, service)
             self.sink = self._sink()
             self.service = service
+            if self.feedback is not None:  # labels for the old model's requests still count, as its version
+                self._feedback_window()
+                self.feedback.model, self.feedback.version = service.name, service.version
             if self.api is not None:
                 self.api.service, self.api.sink = service, self.sink
         if old_drift is not None:
@@ -232,6 +247,40 @@ class Agent:
         return DriftMonitor(service.artifact.baseline, service.name, service.version, service.sha256, settings,
                             emit=self._drift_record)
 
+    def _feedback(self, c: AgentConfig):
+        if not c.feedback:
+            return None
+        from .monitoring.feedback import Feedback, FeedbackSettings
+
+        settings = FeedbackSettings(enabled=True, sample=c.feedback_sample, pending=c.feedback_pending,
+                                    max_bytes=c.feedback_max_bytes)
+        return Feedback(c.data_dir / "feedback", self.service.name, self.service.version, settings)
+
+    def _feedback_chores(self) -> None:
+        """Every stats window: the labels' live accuracy into telemetry, the reservoir to disk."""
+        while not self._stopped.wait(self.config.stats_window_s):
+            self._feedback_window()
+            self.feedback.save()
+
+    def _feedback_window(self) -> None:
+        record = self.feedback.take_window()
+        if record is not None:
+            self.recorder.record(record)
+
+    def _send_reservoir(self, payload: bytes, properties) -> None:
+        """The host asked for the feedback reservoir (``fleet feedback pull``): send it, zstd-compressed."""
+        from edgeml.core import transfer
+
+        try:
+            request = str(json.loads(payload).get("request", ""))[:64]
+        except (ValueError, AttributeError):
+            log.warning("feedback: a request for the reservoir that is not JSON was ignored")
+            return
+        data = transfer.compress(self.feedback.npz_bytes(), level=3) if self.feedback is not None else b""
+        sent = self.link.publish("feedback", data, UserProperty=[("request", request),
+                                                                  ("samples", str(len(self.feedback.samples) if self.feedback else 0))])
+        log.info("feedback: reservoir %s for request %s (%d bytes)", "sent" if sent else "NOT sent", request, len(data))
+
     def _drift_record(self, record: dict) -> None:
         """A drift window or an alert: into the durable telemetry queue (the host's record of it),
         and an alert also on the events topic at once when the broker is reachable."""
@@ -249,6 +298,7 @@ class Agent:
         from .api.server import ApiServer
 
         api = ApiServer(self.service, self.sink, host=address[0], port=address[1], max_body_bytes=c.max_body_bytes)
+        api.feedback = self.feedback
         # read at scrape time, so /metrics is never staler than the queue
         api.metrics.gauge_function("edgeml_telemetry_queue_records", "Telemetry records waiting for the broker",
                                    lambda: [({}, self.queue.stats()["records"])])
@@ -265,6 +315,9 @@ class Agent:
         link = MqttLink(c.broker, c.fleet, c.device_id, self.queue, username=c.username, password=c.password(),
                         ca_file=c.ca_file, cert_file=c.cert_file, key_file=c.key_file, state=self._state,
                         ack_timeout=c.ack_timeout_s)
+        # answered with an empty reservoir when feedback is off, so the host hears from every device
+        link.subscribe("feedback/req", lambda payload, props: threading.Thread(
+            target=self._send_reservoir, args=(payload, props), daemon=True).start())
         link.start()
         return link
 

@@ -52,7 +52,7 @@ MAX_BODY_BYTES = 16 << 20
 IDLE_TIMEOUT_S = 60.0  # a kept-alive connection that stays silent this long is closed
 DRAIN_S, DRAIN_QUIET_S = 5.0, 1.0  # bounds on reading a refused body to its end
 PLATFORMS = {"tflite": "tflite", "onnx": "onnxruntime"}
-_MODEL_PATH = re.compile(r"^/v2/models/([^/]+)(?:/versions/([^/]+))?(?:/(ready|infer))?$")
+_MODEL_PATH = re.compile(r"^/v2/models/([^/]+)(?:/versions/([^/]+))?(?:/(ready|infer|feedback))?$")
 
 
 class ApiServer:
@@ -68,6 +68,7 @@ class ApiServer:
         self.service, self.sink = service, sink
         self.host, self.port = host, port
         self.max_body_bytes, self.idle_timeout = max_body_bytes, idle_timeout
+        self.feedback = None  # device_agent.monitoring.feedback.Feedback when feedback is on
         self.metrics = metrics or m.Registry()
         self.requests = self.metrics.counter(
             "edgeml_requests_total", "Inference requests and refused requests, by model and HTTP status")
@@ -202,7 +203,7 @@ class _Handler(BaseHTTPRequestHandler):
             raise RequestError(404, f"no endpoint {path}; see the Open Inference Protocol (KServe v2)")
         name, version, action = unquote(match[1]), match[2] and unquote(match[2]), match[3]
         method, handler = {None: ("GET", self._model_metadata), "ready": ("GET", self._model_ready),
-                           "infer": ("POST", self._infer)}[action]
+                           "infer": ("POST", self._infer), "feedback": ("POST", self._feedback)}[action]
         handler = self._allow(method, handler)
         self._find_model(name, version)
         return handler
@@ -256,6 +257,10 @@ class _Handler(BaseHTTPRequestHandler):
         reply = {"model_name": service.name, "model_version": str(service.version)}
         if "id" in request:
             reply["id"] = request["id"]
+        feedback = self._api.feedback
+        if feedback is not None:  # the id a later feedback names this request by
+            reply["id"] = str(request.get("id") or feedback.new_id())[:128]
+            feedback.keep(reply["id"], inputs, outputs)
         body, header_length = encode_outputs(reply, outputs, wanted or {}, default_binary)
         seconds = time.perf_counter() - self._started
         report_safely(self._sink.inference, service.name, service.version, seconds * 1000.0, inputs, outputs,
@@ -264,6 +269,33 @@ class _Handler(BaseHTTPRequestHandler):
         headers = {} if header_length is None else {"Inference-Header-Content-Length": str(header_length)}
         kind = "application/json" if header_length is None else "application/octet-stream"
         self._send(200, body, kind, headers)
+
+    def _feedback(self):
+        """``{"id": "...", "label": 3}`` (or a list, one class id per sample of that request)."""
+        from ..monitoring.feedback import UnknownRequest
+
+        feedback = self._api.feedback
+        if feedback is None:
+            raise RequestError(404, "feedback is off on this agent; turn it on with [feedback] enabled = true")
+        try:
+            body = json.loads(self._read_body())
+        except ValueError as exc:
+            raise RequestError(400, f"the feedback is not JSON: {exc}") from None
+        if not isinstance(body, dict) or not isinstance(body.get("id"), str):
+            raise RequestError(400, 'feedback must be {"id": "<the id of the infer response>", "label": <class id>}')
+        label = body.get("label", body.get("labels"))
+        flat = label if isinstance(label, list) else [label]
+        if not flat or not all(isinstance(v, int) and not isinstance(v, bool) for v in flat):
+            raise RequestError(400, "label must be a class id (an integer) or a list of them, one per sample")
+        try:
+            result = feedback.label(body["id"], flat)
+        except UnknownRequest:
+            raise RequestError(404, f"no request {body['id'][:64]!r} is waiting for feedback: sampled out, "
+                                    "labelled already, or forgotten (only the latest ones wait)") from None
+        except ValueError as exc:
+            raise RequestError(400, str(exc)) from None
+        self._api.record(self._service.name, 200, time.perf_counter() - self._started)
+        self._send_json({"accepted": True, **result})
 
     # -- reading ----------------------------------------------------------------------------------
 

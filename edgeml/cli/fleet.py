@@ -270,3 +270,60 @@ def _feature(f: dict) -> str:
     if "drop" in f:
         return f"confidence -{f['drop']:.2f}"
     return str(where)
+
+
+@fleet.group("feedback")
+def fleet_feedback() -> None:
+    """The labelled samples devices kept (feedback reservoirs), for retraining."""
+
+
+@fleet_feedback.command("pull")
+@click.option("--fleet", "fleet_id", required=True, help="The fleet whose devices to ask.")
+@click.option("-o", "--output", type=click.Path(path_type=Path), required=True, help="The .npz to write.")
+@click.option("--broker", required=True, metavar="URL", help="mqtt://host[:port] or mqtts://host[:port].")
+@db_option
+@click.option("--devices", help="Comma-separated device ids [default: the fleet's online devices].")
+@click.option("--timeout", "timeout", default="30s", show_default=True, help="How long to wait for the devices' answers.")
+@click.option("--username", help="MQTT user name.")
+@click.option("--password-file", type=click.Path(path_type=Path), help="File whose first line is the MQTT password.")
+@click.option("--ca-file", type=click.Path(path_type=Path), help="CA certificate to check the broker by (mqtts).")
+@click.option("--cert-file", type=click.Path(path_type=Path), help="Client certificate (mqtts).")
+@click.option("--key-file", type=click.Path(path_type=Path), help="Private key of the client certificate (mqtts).")
+@json_option
+def feedback_pull(fleet_id, output, broker, db_url, devices, timeout, username, password_file, ca_file, cert_file,
+                  key_file, as_json) -> None:
+    """Ask devices for their labelled samples and write them as one .npz that optimize --train/--eval takes."""
+    from edgeml.core.errors import UsageError
+    from edgeml.fleet import open_store
+    from edgeml.fleet.feedback import online_devices, pull, write_npz
+    from edgeml.optimizer.config import check_writable
+
+    check_writable(output.parent)
+    try:
+        wait = parse_duration_text(timeout)
+    except ValueError as exc:
+        raise UsageError(f"--timeout {timeout!r}: {exc}") from exc
+    if devices:
+        targets = [d.strip() for d in devices.split(",") if d.strip()]
+    else:
+        with open_store(db_url, create=False) as store:
+            targets = online_devices(store, fleet_id)
+    password = _read_password(password_file, username)
+    result = pull(broker, fleet_id, targets, timeout_s=wait, username=username, password=password, ca_file=ca_file,
+                  cert_file=cert_file, key_file=key_file)
+    arrays = result["arrays"]
+    write_npz(arrays, output)
+    summary = {"ok": True, "output": str(output), "samples": int(len(arrays.get("y", ()))),
+               "inputs": sorted(k for k in arrays if k != "y" and not k.startswith("_")),
+               "per_device": result["samples"], "answered": result["answered"], "missing": result["missing"]}
+    if as_json:
+        emit(summary)
+        return
+    click.echo(f"wrote {output}: {summary['samples']} labelled samples from {len(result['answered'])} devices"
+               + (f"; no answer within {timeout} from {', '.join(result['missing'])}" if result["missing"] else ""))
+
+
+def parse_duration_text(text: str) -> float:
+    from edgeml.core.update_contract import parse_duration
+
+    return parse_duration(text)

@@ -110,6 +110,9 @@ def _load_npz(path: Path, role: str) -> Dataset:
             f"cannot read {role} file {path} as .npz ({exc}); save it with numpy.savez"
         ) from exc
     labels = arrays.pop(LABEL_KEY, None)
+    # names starting with "_" are about the samples, not inputs (where each came from, what the
+    # model predicted: edgeml fleet feedback pull writes them), so the file is taken as it is
+    arrays = {k: v for k, v in arrays.items() if not k.startswith("_")}
     if not arrays:
         raise DataError(f"{role} file {path} holds no input arrays; add one array per model input")
     dataset = Dataset(arrays, labels, {"source": str(path), "sha256": sha256_path(path)})

@@ -14,6 +14,8 @@ Topics (``{fleet}`` and ``{device}`` are ids of ``ID_RE``)::
     edgeml/v1/{fleet}/{device}/desired     host -> device, retained   the model this device should run
     edgeml/v1/{fleet}/{device}/chunks/req  device -> host             artifact blocks it lacks
     edgeml/v1/{fleet}/{device}/chunks      host -> device             the blocks
+    edgeml/v1/{fleet}/{device}/feedback/req  host -> device           {"request": id}: send your feedback reservoir
+    edgeml/v1/{fleet}/{device}/feedback    device -> host             zstd(.npz) of it, user property request=id
 
 A telemetry batch is ``zstd(json({"schema": 1, "fleet", "device", "epoch", "after", "records": [...]}))``.
 Every record has ``seq`` (per device, from 1, strictly increasing, never reused, also across restarts),
@@ -30,6 +32,7 @@ Every record has ``seq`` (per device, from 1, strictly increasing, never reused,
                  outputs {name: {"classes" | "confidence" (+ "confidence_sum") | "values": counts}}, scores,
                  skipped (requests not counted: the counting thread was behind):
                  one window's counts in the artifact's baseline bins (edgeml.core.drift); they add up
+    feedback     model, version, labelled, correct, accuracy, reservoir: live accuracy of a window's labels
     alert        model, version, alert (input_drift | prediction_drift | confidence_drop), state (raised |
                  cleared), since, features (the worst, with their scores), samples
 
@@ -58,8 +61,9 @@ SCHEMA = 1
 PREFIX = "edgeml/v1"
 ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 EPOCH_RE = re.compile(r"^[0-9a-f]{1,32}$")
-CHANNELS = ("presence", "state", "telemetry", "events", "ack", "desired", "chunks", "chunks/req")
-KINDS = ("inference", "error", "input_stats", "system", "dropped", "baseline", "drift", "alert")
+CHANNELS = ("presence", "state", "telemetry", "events", "ack", "desired", "chunks", "chunks/req", "feedback/req",
+            "feedback")
+KINDS = ("inference", "error", "input_stats", "system", "dropped", "baseline", "drift", "alert", "feedback")
 TELEMETRY_CONTENT_TYPE = "application/json+zstd"
 MAX_BATCH_BYTES = 4 << 20  # a decompressed batch larger than this is refused (no zstd bombs)
 SHARED_GROUP = "collectors"
