@@ -27,3 +27,44 @@ def test_two_proportions():
     chi2 = stats.chi2_contingency(table, correction=False)
     assert two_proportions(5, 1000, 40, 1000) == pytest.approx(chi2.pvalue, rel=1e-6)  # the z-test is the 2x2 chi-squared
     assert two_proportions(0, 0, 1, 10) is None
+
+
+class _Store:
+    """What compare_rollout reads of a store: one rollout of two devices, and their records."""
+
+    def __init__(self, records):
+        self._records = records
+
+    def rollout(self, rollout_id):
+        return {"id": "r1", "fleet": "f1", "state": "paused", "wave": 1, "created": 0.0,
+                "plan": {"target": {"name": "m", "version": 2}}}
+
+    def transaction(self, write=True):
+        import contextlib
+
+        return contextlib.nullcontext(self)
+
+    def assignments(self, rollout_id):
+        return [{"device": "a"}, {"device": "b"}]
+
+    def records(self, kinds, fleet=None, since=None):
+        return [("f1", d, r) for d, r in self._records if r["kind"] in kinds]
+
+
+def test_live_accuracy_from_feedback_is_compared_between_cohorts():
+    from edgeml.fleet.compare import compare_rollout
+
+    rng = np.random.default_rng(0)
+    records = []
+    for i in range(300):
+        records.append(("a", {"kind": "inference", "ts": 10.0 + i, "version": 1, "latency_ms": float(rng.lognormal()),
+                              "outputs": {"p": {"top1": int(i % 10)}}}))
+        records.append(("b", {"kind": "inference", "ts": 10.0 + i, "version": 2, "latency_ms": float(rng.lognormal()),
+                              "outputs": {"p": {"top1": int(i % 10)}}}))
+    records.append(("a", {"kind": "feedback", "ts": 400.0, "version": 1, "labelled": 200, "correct": 190}))
+    records.append(("b", {"kind": "feedback", "ts": 400.0, "version": 2, "labelled": 200, "correct": 150}))
+    result = compare_rollout(_Store(records), "r1")
+    assert result["cohorts"]["new"]["accuracy"] == 0.75 and result["cohorts"]["old"]["accuracy"] == 0.95
+    assert result["tests"]["accuracy"]["verdict"] == "new version less accurate"
+    assert result["tests"]["latency"]["verdict"] == "no significant difference"
+    assert result["tests"]["predictions"]["verdict"] == "no significant difference"

@@ -3,8 +3,9 @@ the old one, on the live traffic each served since the rollout began (``fleet ro
 
 Each figure gets a test fit for it, so a difference is called only when chance is unlikely to
 explain it: latency by Mann-Whitney U (no assumption about its skewed distribution), error rate
-by a two-proportion z-test, the predicted-class mix by a G-test on the two histograms (with its
-Jensen-Shannon distance as the size of the change). NumPy only; normal approximations with tie
+by a two-proportion z-test, live accuracy (where devices got feedback) the same way, the
+predicted-class mix by a G-test on the two histograms (with its Jensen-Shannon distance as the
+size of the change). NumPy only; normal approximations with tie
 correction, which hold for the hundreds of requests a wave serves.
 """
 from __future__ import annotations
@@ -69,8 +70,8 @@ def compare_rollout(store, rollout_id: str, seed: int = 0) -> dict:
         assignments = store.assignments(r["id"])
     target = r["plan"]["target"]
     devices = {a["device"] for a in assignments}
-    records = [(d, rec) for _, d, rec in store.records(["inference", "error"], fleet=r["fleet"], since=r["created"])
-               if d in devices]
+    records = [(d, rec) for _, d, rec in store.records(["inference", "error", "feedback"], fleet=r["fleet"],
+                                                       since=r["created"]) if d in devices]
     switched: Dict[str, float] = {}  # device -> when it first served the target version
     for device, rec in records:
         if rec["kind"] == "inference" and rec.get("version") == target["version"] and device not in switched:
@@ -88,6 +89,10 @@ def compare_rollout(store, rollout_id: str, seed: int = 0) -> dict:
             side = "old"
         if rec["kind"] == "inference":
             cohorts[side].add_inference(device, rec)
+        elif rec["kind"] == "feedback":
+            if (rec.get("version") == target["version"]) == (side == "new"):
+                cohorts[side].labelled += int(rec.get("labelled") or 0)
+                cohorts[side].correct += int(rec.get("correct") or 0)
         else:
             cohorts[side].add_error(device, rec)
     rng = np.random.default_rng(seed)
@@ -104,6 +109,10 @@ def compare_rollout(store, rollout_id: str, seed: int = 0) -> dict:
         result["tests"]["error_rate"] = {"test": "two-proportion z", "p": p,
                                          "verdict": _verdict(p, new.error_rate > old.error_rate, "more errors",
                                                              "fewer errors")}
+        if old.labelled and new.labelled:  # live accuracy, where devices got feedback
+            p = two_proportions(old.correct, old.labelled, new.correct, new.labelled)
+            result["tests"]["accuracy"] = {"test": "two-proportion z", "p": p, "verdict": _verdict(
+                p, new.correct / new.labelled < old.correct / old.labelled, "less accurate", "more accurate")}
         classes = max(len(old.classes), len(new.classes))
         if classes:
             a = np.bincount(old.classes_array(), minlength=classes)[None, :]
@@ -124,6 +133,7 @@ class _Cohort:
         self.latencies: List[float] = []
         self.errors = 0
         self.classes: Dict[int, int] = {}
+        self.labelled = self.correct = 0  # feedback: ground truth for its requests
 
     @property
     def requests(self) -> int:
@@ -161,7 +171,8 @@ class _Cohort:
     def summary(self) -> dict:
         return {"devices": sorted(self.devices), "requests": self.requests, "errors": self.errors,
                 "error_rate": round(self.error_rate, 6), "latency_p50_ms": _round(self.p(50)),
-                "latency_p95_ms": _round(self.p(95)),
+                "latency_p95_ms": _round(self.p(95)), "labelled": self.labelled,
+                "accuracy": _round(self.correct / self.labelled) if self.labelled else None,
                 "classes": {str(k): v for k, v in sorted(self.classes.items())}}
 
 
