@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 INC_VENV := .venv-inc
 INC_STAMP := $(INC_VENV)/.installed
 
-.PHONY: quickstart test bench clean inc mosquitto
+.PHONY: quickstart test bench clean inc mosquitto chromium
 
 $(STAMP): pyproject.toml tests/model-packages.txt
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -34,7 +34,7 @@ quickstart: $(STAMP) mosquitto
 # The layer contracts (import-linter, in pyproject.toml) run first: a broken layer fails the build.
 # Two workers, a test file each at a time (its module fixtures build once): on 2 cores the suite
 # takes about 10 minutes instead of 17, as most tests wait on processes, brokers and sockets.
-test: $(STAMP) $(INC_STAMP) mosquitto
+test: $(STAMP) $(INC_STAMP) mosquitto chromium
 	$(BIN)/lint-imports
 	$(BIN)/python -m pytest -q -n 2 --dist loadfile
 
@@ -43,6 +43,13 @@ mosquitto:
 	@command -v mosquitto >/dev/null 2>&1 || test -x /usr/sbin/mosquitto || { \
 		SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
 		$$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq mosquitto mosquitto-clients; }
+
+# The dashboard test drives Debian's Chromium with Playwright (Playwright's own browser download
+# cannot work on the build machines).
+chromium:
+	@test -x /usr/bin/chromium || { \
+		SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+		$$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq chromium; }
 
 bench: $(STAMP) $(INC_STAMP) mosquitto
 	$(BIN)/python benchmarks/optimize_benchmark.py

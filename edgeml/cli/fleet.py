@@ -59,6 +59,18 @@ def fleet_collect(broker, db_url, username, password_file, ca_file, cert_file, k
         click.echo(f"stopped: {_stats_line(stats)}")
 
 
+def _read_token(path) -> str:
+    from edgeml.core.errors import InputError, UsageError
+
+    try:
+        token = Path(path).read_text(encoding="utf-8").strip()
+    except OSError as exc:
+        raise InputError(f"cannot read --http-token-file {path}: {exc.strerror}") from exc
+    if len(token) < 16:
+        raise UsageError(f"the token in {path} is {len(token)} characters; use at least 16 (e.g. openssl rand -hex 16)")
+    return token
+
+
 def _read_password(path, username):
     from edgeml.core.errors import InputError, UsageError
 
@@ -99,9 +111,12 @@ def _stats_line(stats: dict) -> str:
 @click.option("--http", metavar="HOST:PORT", help="Also serve artifacts over HTTP (Range requests) and /metrics "
                                                  "(Prometheus text) here.")
 @click.option("--alert-webhook", metavar="URL", help="POST every alert devices raise or clear here, as JSON.")
+@click.option("--http-token-file", type=click.Path(path_type=Path),
+              help="File holding the token the dashboard, /metrics and rollout actions need (required when --http "
+                   "is not loopback; actions need it always).")
 @json_option
 def fleet_serve(broker, db_url, username, password_file, ca_file, cert_file, key_file, group, client_id, http,
-                alert_webhook, as_json) -> None:
+                alert_webhook, http_token_file, as_json) -> None:
     """Run the controller, the collector and the artifact server until SIGTERM or Ctrl-C."""
     import signal
     import threading
@@ -115,6 +130,11 @@ def fleet_serve(broker, db_url, username, password_file, ca_file, cert_file, key
 
         check_webhook_url(alert_webhook)
     password = _read_password(password_file, username)
+    http_token = _read_token(http_token_file) if http_token_file else None
+    if http:
+        from edgeml.fleet.server import check_http_binding
+
+        check_http_binding(http, http_token)
     stop = threading.Event()
     previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGTERM, signal.SIGINT)}
 
@@ -129,7 +149,8 @@ def fleet_serve(broker, db_url, username, password_file, ca_file, cert_file, key
     try:
         stats = serve_fleet(broker, db_url, stop, http=http, username=username, password=password, ca_file=ca_file,
                             cert_file=cert_file, key_file=key_file, group=group, client_id=client_id,
-                            alert_webhook=alert_webhook, on_ready=ready, on_progress=_every(10.0, progress))
+                            alert_webhook=alert_webhook, http_token=http_token, on_ready=ready,
+                            on_progress=_every(10.0, progress))
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)

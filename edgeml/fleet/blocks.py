@@ -136,10 +136,16 @@ _ARTIFACT_PATH = re.compile(r"^/artifacts/([0-9a-f]{64})(?:\.edgeml)?$")
 
 class HttpArtifacts:
     """``GET /artifacts/<sha256>[.edgeml]`` with Range support, for ``fleet push --url``; /healthz;
-    and ``pages``: more paths, each a function returning ``(content type, text)``."""
+    and more: ``pages`` (path -> function of the handler returning ``(content type, text[, headers])``), ``streams`` (path ->
+    function writing to the handler until the client leaves), ``posts`` (path -> function of the
+    handler returning ``(status, JSON object)``); ``guard(handler)`` is asked before any of those
+    and returns None to let the request through or ``(status, message, headers)`` to refuse it."""
 
-    def __init__(self, store: Store, host: str, port: int, pages: Optional[dict] = None):
-        self.pages = dict(pages or {})
+    def __init__(self, store: Store, host: str, port: int, pages: Optional[dict] = None, streams: Optional[dict] = None,
+                 posts: Optional[dict] = None, guard: Optional[Callable] = None):
+        self.pages, self.streams, self.posts = dict(pages or {}), dict(streams or {}), dict(posts or {})
+        self.guard = guard
+        self.closing = threading.Event()
         server = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -151,6 +157,9 @@ class HttpArtifacts:
             def do_GET(self):
                 server._get(self)
 
+            def do_POST(self):
+                server._post(self)
+
         self.store = store
         self.range_requests = 0
         self.httpd = ThreadingHTTPServer((host, port), Handler)
@@ -160,20 +169,53 @@ class HttpArtifacts:
         self._thread.start()
 
     def stop(self) -> None:
+        self.closing.set()  # streams end
         self.httpd.shutdown()
         self.httpd.server_close()
+
+    def _refused(self, h: BaseHTTPRequestHandler) -> bool:
+        refusal = self.guard(h) if self.guard else None
+        if refusal is not None:
+            status, message, headers = refusal
+            _send(h, status, json.dumps({"error": message}).encode(), "application/json", headers)
+            return True
+        return False
+
+    def _post(self, h: BaseHTTPRequestHandler) -> None:
+        path = h.path.split("?")[0]
+        for pattern, handler in self.posts.items():
+            m = re.match(pattern, path)
+            if m:
+                if self._refused(h):
+                    return
+                try:
+                    status, body = handler(h, m)
+                except Exception as exc:  # the store away, a bug: one answer, the server goes on
+                    log.warning("http POST %s failed: %s", path, exc)
+                    status, body = 503, {"error": f"unavailable: {type(exc).__name__}"}
+                return _send(h, status, json.dumps(body).encode(), "application/json")
+        _send(h, 404, b"no such endpoint\n")
 
     def _get(self, h: BaseHTTPRequestHandler) -> None:
         if h.path == "/healthz":
             return _send(h, 200, b"ok\n")
-        page = self.pages.get(h.path.split("?")[0])
+        path = h.path.split("?")[0]
+        stream = self.streams.get(path)
+        if stream is not None:
+            if self._refused(h):
+                return
+            return stream(h, self.closing)
+        page = self.pages.get(path)
         if page is not None:
+            if self._refused(h):
+                return
             try:
-                kind, text = page()
+                answer = page(h)
             except Exception as exc:  # the store away: say so, keep serving
                 log.warning("http %s failed: %s", h.path, exc)
                 return _send(h, 503, f"unavailable: {type(exc).__name__}\n".encode())
-            return _send(h, 200, text.encode(), kind)
+            kind, text, headers = (*answer, None)[:3]
+            return _send(h, 200, text.encode(), kind, headers)
         m = _ARTIFACT_PATH.match(h.path.split("?")[0])
         data = self.store.blob(m[1]) if m else None
         if data is None:

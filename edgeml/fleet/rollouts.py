@@ -256,7 +256,10 @@ def set_state(store: Store, rollout_id: str, action: str) -> dict:
         if action == "pause":
             store.update_rollout(r["id"], state="paused", reason="paused by the operator")
         elif action == "resume":
-            for a in store.assignments(r["id"]):  # stragglers a timed-out wave waited for no longer hold it up
+            # stragglers a timed-out wave waited for no longer hold it up; a wave paused by the
+            # operator within its time goes on waiting for its devices (they are still updating)
+            timed_out = r["wave_started"] is not None and time.time() - r["wave_started"] >= r["plan"]["wave_timeout_s"]
+            for a in store.assignments(r["id"]) if timed_out else []:
                 if a["wave"] <= r["wave"] and a["state"] not in DONE:
                     detail = dict(a["detail"], note="the wave was resumed without it")
                     store.update_assignment(r["id"], a["device"], state="timed_out", detail=detail)

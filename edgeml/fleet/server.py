@@ -21,7 +21,7 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from edgeml.core import mqtt_contract as contract
-from edgeml.core.errors import InputError, first_line
+from edgeml.core.errors import InputError, UsageError, first_line
 
 from .alerting import AlertWebhook, check_webhook_url, fleet_metrics
 from .blocks import BlockServer, HttpArtifacts
@@ -116,15 +116,19 @@ class ControlLink:
 def serve_fleet(broker_url: str, db_url: str, stop: threading.Event, *, http: Optional[str] = None,
                 username=None, password=None, ca_file=None, cert_file=None, key_file=None,
                 group: str = contract.SHARED_GROUP, client_id: Optional[str] = None, tick_s: float = 0.5,
-                alert_webhook: Optional[str] = None,
+                alert_webhook: Optional[str] = None, http_token: Optional[str] = None,
                 on_progress: Optional[Callable[[dict], None]] = None, on_ready: Optional[Callable[[dict], None]] = None
                 ) -> dict:
     """Collector, controller and artifact server until ``stop`` is set; their figures. With
-    ``http``, also ``/metrics`` (Prometheus text: devices, alerts, rollouts, records); with
+    ``http``, also the dashboard at ``/`` (live by ``/events``), rollout actions at
+    ``/api/rollouts/ID/{pause,resume,abort}`` and ``/metrics`` (Prometheus text: devices, alerts,
+    rollouts, records); ``http_token`` guards them (required off loopback; actions always); with
     ``alert_webhook``, every alert devices raise or clear is posted there as JSON."""
     tls = dict(username=username, password=password, ca_file=ca_file, cert_file=cert_file, key_file=key_file)
     if alert_webhook:
         check_webhook_url(alert_webhook)
+    if http:
+        check_http_binding(http, http_token)
     # collector, controller, block server, alert webhook: one connection each
     stores = [open_store(db_url) for _ in range(4 if alert_webhook else 3)]
     collector = Collector(broker_url, stores[0], group=group, client_id=client_id, **tls)
@@ -148,8 +152,7 @@ def serve_fleet(broker_url: str, db_url: str, stop: threading.Event, *, http: Op
         if http:
             host, _, port = http.rpartition(":")
             try:
-                pages = {"/metrics": lambda: ("text/plain; version=0.0.4", fleet_metrics(stores[2]))}
-                web = HttpArtifacts(stores[2], host or "127.0.0.1", int(port), pages=pages)
+                web = _web(stores[2], host or "127.0.0.1", int(port), http_token)
             except (OSError, ValueError) as exc:
                 raise InputError(f"cannot serve HTTP on {http}: {first_line(exc)}") from exc
         threads[0].start()
@@ -189,3 +192,84 @@ def serve_fleet(broker_url: str, db_url: str, stop: threading.Event, *, http: Op
         raise errors[0]
     webhook_stats = {f"webhook_{k}": v for k, v in webhook.stats.items()} if webhook else {}
     return {**collector.stats(), **stats, **{f"blocks_{k}": v for k, v in blocks.stats.items()}, **webhook_stats}
+
+
+LOOPBACK = ("127.0.0.1", "localhost", "::1", "[::1]")
+EVENT_INTERVAL_S = 1.0
+
+
+def check_http_binding(http: str, token: Optional[str]) -> None:
+    host = http.rpartition(":")[0] or "127.0.0.1"
+    if host not in LOOPBACK and not token:
+        raise UsageError(f"--http {http} listens beyond loopback: the dashboard and its actions need a token there; "
+                         "pass --http-token-file FILE (or bind 127.0.0.1)")
+
+
+def _web(store, host: str, port: int, token: Optional[str]) -> HttpArtifacts:
+    """The artifact server with the dashboard, its live events, rollout actions and /metrics."""
+    from urllib.parse import parse_qs, urlsplit
+
+    from . import dashboard
+    from .rollouts import set_state
+
+    def given(h) -> Optional[str]:
+        auth = h.headers.get("Authorization") or ""
+        if auth.startswith("Bearer "):
+            return auth[len("Bearer "):].strip()
+        query = parse_qs(urlsplit(h.path).query).get("token")
+        if query:
+            return query[0]
+        for part in (h.headers.get("Cookie") or "").split(";"):
+            name, _, value = part.strip().partition("=")
+            if name == dashboard.COOKIE:
+                return value
+        return None
+
+    def guard(h):
+        action = h.command == "POST"
+        if token is None and not action:
+            return None  # loopback without a token: the page is open
+        if token is None:
+            return 403, "actions need a token: start fleet serve with --http-token-file", None
+        if dashboard.token_ok(given(h), token):
+            return None
+        return 401, "a token is needed: Authorization: Bearer TOKEN (or ?token=TOKEN once)", {"WWW-Authenticate": "Bearer"}
+
+    def home(h):
+        headers = None
+        if token is not None and parse_qs(urlsplit(h.path).query).get("token"):
+            headers = {"Set-Cookie": f"{dashboard.COOKIE}={token}; HttpOnly; SameSite=Strict; Path=/"}
+        return "text/html; charset=utf-8", dashboard.page(store), headers
+
+    def events(h, closing) -> None:
+        h.send_response(200)
+        h.send_header("Content-Type", "text/event-stream")
+        h.send_header("Cache-Control", "no-cache")
+        h.send_header("Connection", "close")
+        h.end_headers()
+        h.close_connection = True
+        try:
+            while not closing.is_set():
+                try:
+                    h.wfile.write(dashboard.event(store))
+                except (BrokenPipeError, ConnectionResetError):
+                    return
+                except Exception as exc:  # the store away: tell the page, try again
+                    log.warning("dashboard events: %s", first_line(exc))
+                    h.wfile.write(b"event: error\ndata: {}\n\n")
+                h.wfile.flush()
+                closing.wait(EVENT_INTERVAL_S)
+        except (BrokenPipeError, ConnectionResetError, OSError):
+            return
+
+    def action(h, m):
+        try:
+            result = set_state(store, m[1], m[2])
+        except UsageError as exc:
+            return 409 if "no rollout" not in str(exc) else 404, {"error": str(exc)}
+        return 200, result
+
+    return HttpArtifacts(store, host, port, guard=guard,
+                         pages={"/": home, "/metrics": lambda h: ("text/plain; version=0.0.4", fleet_metrics(store))},
+                         streams={"/events": events},
+                         posts={r"^/api/rollouts/([^/]+)/(pause|resume|abort)$": action})
