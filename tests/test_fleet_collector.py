@@ -113,13 +113,6 @@ def stored(store, fleet=FLEET, device="dev-1"):
     return next((d["records"] for d in store.devices() if (d["fleet"], d["device"]) == (fleet, device)), 0)
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
-def db_url(request, tmp_path):
-    """A fresh database: a SQLite file, or a throwaway schema in PostgreSQL's ``test`` database."""
-    if request.param == "sqlite":
-        yield f"sqlite:///{tmp_path / 'fleet.db'}"
-        return
-    yield request.getfixturevalue("pg_url")
 
 
 @pytest.fixture

@@ -167,12 +167,6 @@ def test_fleet_drift_explains_bad_arguments_in_one_line(tmp_path):
 # --- the host's side on both databases, from records as devices send them --------------------------
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
-def db_url(request, tmp_path):
-    if request.param == "sqlite":
-        yield f"sqlite:///{tmp_path / 'fleet.db'}"
-        return
-    yield request.getfixturevalue("pg_url")
 
 
 def _device_records(seed: int, shift: float, windows: int = 3, start_seq: int = 1):

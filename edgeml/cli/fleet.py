@@ -218,7 +218,7 @@ def fleet_drift_command(db_url, fleet_id, by, rollout, since, as_json) -> None:
     """Drift of inputs and predictions across devices: their window histograms added up and
     judged against the artifact's baseline (PSI, Jensen-Shannon, KS), as each device judges itself."""
     from edgeml.fleet import open_store
-    from edgeml.fleet.drift import fleet_drift
+    from edgeml.fleet.drift import describe_feature, fleet_drift
 
     with open_store(db_url, create=False) as store:
         result = fleet_drift(store, fleet_id, by=by, since_s=_since(since), rollout=rollout)
@@ -241,7 +241,7 @@ def fleet_drift_command(db_url, fleet_id, by, rollout, since, as_json) -> None:
                       "DRIFT" if r["input_drift"] else "ok", "DRIFT" if r["prediction_drift"] else "ok",
                       _num(r["js_max"]), _num(r["psi_max"]),
                       f"{conf['live']:.3f} (baseline {conf['baseline']:.3f})" if conf else "-",
-                      ", ".join(_feature(f) for f in r["worst"][:3]))
+                      ", ".join(describe_feature(f) for f in r["worst"][:3]))
     stdout_console().print(table)
 
 
@@ -253,7 +253,7 @@ def fleet_drift_command(db_url, fleet_id, by, rollout, since, as_json) -> None:
 def fleet_alerts_command(db_url, fleet_id, since, as_json) -> None:
     """Alerts the devices raised (input drift, prediction drift, a confidence drop), open ones first."""
     from edgeml.fleet import open_store
-    from edgeml.fleet.drift import alerts
+    from edgeml.fleet.drift import alerts, describe_feature
 
     with open_store(db_url, create=False) as store:
         result = alerts(store, fleet_id, _since(since))
@@ -272,25 +272,13 @@ def fleet_alerts_command(db_url, fleet_id, since, as_json) -> None:
         table.add_column(col)
     for a in result["alerts"]:
         table.add_row(a["state"], a["fleet"], a["device"], f"{a['model']} v{a['version']}", a["alert"], when(a["since"]),
-                      when(a["cleared"]), ", ".join(_feature(f) for f in a["features"][:3]))
+                      when(a["cleared"]), ", ".join(describe_feature(f) for f in a["features"][:3]))
     stdout_console().print(table)
 
 
 def _num(v) -> str:
     return "-" if v is None else f"{v:.3f}"
 
-
-def _feature(f: dict) -> str:
-    where = f.get("name") or f.get("what")
-    if f.get("channel") is not None:
-        where = f"{where}[{f['channel']}]"
-    if "js" in f:
-        return f"{where} JS {f['js']:.2f}"
-    if "mean_shift" in f:
-        return f"{where} shift {f['mean_shift']:.1f} std"
-    if "drop" in f:
-        return f"confidence -{f['drop']:.2f}"
-    return str(where)
 
 
 @fleet.group("feedback")

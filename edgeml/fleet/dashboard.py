@@ -15,6 +15,8 @@ import json
 import time
 from typing import Dict, List, Optional
 
+from .drift import describe_feature
+
 SECTIONS = ("devices", "rollouts", "alerts", "drift", "traffic")
 COOKIE = "edgeml_token"
 
@@ -98,7 +100,7 @@ def _alerts(listed: List[dict]) -> str:
     rows = ["<table id=alerts-table><thead><tr><th>state</th><th>device</th><th>model</th><th>alert</th><th>since (UTC)</th>"
             "<th>worst features</th></tr></thead><tbody>"]
     for a in listed[:50]:
-        worst = ", ".join(_feature(f) for f in a["features"][:3])
+        worst = ", ".join(describe_feature(f) for f in a["features"][:3])
         since = time.strftime("%H:%M:%S", time.gmtime(a["since"])) if a["since"] else "-"
         rows.append(f"<tr class='{_e(a['state'])}'><td>{_e(a['state'])}</td><td>{_e(a['device'])}</td>"
                     f"<td>{_e(a['model'])} v{_e(a['version'])}</td><td>{_e(a['alert'])}</td><td>{since}</td>"
@@ -106,16 +108,6 @@ def _alerts(listed: List[dict]) -> str:
     rows.append("</tbody></table>")
     return "\n".join(rows)
 
-
-def _feature(f: dict) -> str:
-    where = f.get("name") or f.get("what")
-    if f.get("channel") is not None:
-        where = f"{where}[{f['channel']}]"
-    if "js" in f:
-        return f"{where} JS {f['js']:.2f}"
-    if "mean_shift" in f:
-        return f"{where} {f['mean_shift']:.1f} std"
-    return str(where)
 
 
 def _drift(rows: List[dict]) -> str:
@@ -134,7 +126,7 @@ def _drift(rows: List[dict]) -> str:
         out.append(f"<tr><td>{_e(r['fleet'])}</td><td>{_e(r['group'])}</td><td>{_e(r['model'])} v{_e(r['version'])}</td>"
                    f"<td>{r['samples']}</td><td class='{'alert' if r['input_drift'] else ''}'>{'DRIFT' if r['input_drift'] else 'ok'}</td>"
                    f"<td class='{'alert' if r['prediction_drift'] else ''}'>{'DRIFT' if r['prediction_drift'] else 'ok'}</td>"
-                   f"<td>{'-' if js is None else f'{js:.3f}'} {bar}</td><td>{_e(', '.join(_feature(f) for f in r['worst'][:3]))}</td></tr>")
+                   f"<td>{'-' if js is None else f'{js:.3f}'} {bar}</td><td>{_e(', '.join(describe_feature(f) for f in r['worst'][:3]))}</td></tr>")
     out.append("</tbody></table>")
     return "\n".join(out)
 

@@ -119,3 +119,17 @@ def alerts(store, fleet: Optional[str] = None, since_s: Optional[float] = None) 
             row.update(state="cleared", cleared=record.get("cleared") or record["ts"])
     rows.sort(key=lambda r: (r["state"] != "open", -(r["since"] or 0)))
     return {"open": sum(r["state"] == "open" for r in rows), "alerts": rows}
+
+
+def describe_feature(f: dict) -> str:
+    """One judged feature in a few words: ``image[2] JS 0.31``, ``x[5] shift 1.2 std``."""
+    where = f.get("name") or f.get("what")
+    if f.get("channel") is not None:
+        where = f"{where}[{f['channel']}]"
+    if "js" in f:
+        return f"{where} JS {f['js']:.2f}"
+    if "mean_shift" in f:
+        return f"{where} shift {f['mean_shift']:.1f} std"
+    if "drop" in f:
+        return f"confidence -{f['drop']:.2f}"
+    return str(where)
