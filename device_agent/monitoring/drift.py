@@ -36,6 +36,7 @@ from edgeml.core import drift
 log = logging.getLogger(__name__)
 
 WORST = 5  # features named in an alert
+YIELD_EVERY_S = 0.0005  # the counting thread lets request threads run at least this often
 
 
 @dataclass
@@ -128,6 +129,7 @@ class DriftMonitor:
 
     def drain(self) -> None:
         """Count what the request path handed over (the counting thread does this every 50 ms)."""
+        held = time.perf_counter()
         while True:
             try:
                 inputs, outputs = self._pending.popleft()
@@ -137,6 +139,12 @@ class DriftMonitor:
                 self._count(inputs, outputs)
             except Exception:  # a request the monitor cannot read must not stop the counting
                 log.exception("drift: a request could not be counted")
+            # hand the interpreter back every half millisecond: otherwise a backlog is counted in
+            # one go and a request arriving meanwhile waits up to the GIL's 5 ms switch interval
+            # (measured: HTTP p99 1.5 -> 4.6 ms); yielding after every request costs the p50 instead
+            if time.perf_counter() - held > YIELD_EVERY_S:
+                time.sleep(0)
+                held = time.perf_counter()
 
     def _count(self, inputs, outputs) -> None:
         counted: Dict[str, np.ndarray] = {}
