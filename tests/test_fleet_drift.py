@@ -215,3 +215,43 @@ def test_fleet_drift_and_alerts_add_up_devices_on_both_databases(db_url):
             hook.stop()
         assert receiver.posts[0]["device"] == "shifted" and receiver.posts[0]["alert"] == "input_drift"
     receiver.close()
+
+
+class _RolloutStore:
+    """A store's reads that fleet_drift needs, over one rollout's waves and devices' records."""
+
+    def __init__(self, records, waves):
+        self._records, self._waves = records, waves
+
+    def records(self, kinds, fleet=None, since=None):
+        return [("f1", d, r) for d, r in self._records if r["kind"] in kinds]
+
+    def rollouts(self, fleet=None):
+        return [{"id": "r-1"}]
+
+    def rollout(self, rollout_id):
+        return {"id": "r-1"} if rollout_id == "r-1" else None
+
+    def transaction(self, write=True):
+        import contextlib
+
+        return contextlib.nullcontext(self)
+
+    def assignments(self, rollout_id):
+        return [{"device": d, "wave": w} for d, w in self._waves.items()]
+
+
+def test_drift_by_wave_adds_up_the_devices_of_each_wave():
+    from edgeml.fleet.drift import fleet_drift
+
+    records = []
+    for device, seed, shift in (("a", 1, 0.0), ("b", 2, 0.0), ("c", 3, 1.5), ("d", 4, 1.5)):
+        records += [(device, r) for r in _device_records(seed, shift)]
+    store = _RolloutStore(records, {"a": 1, "b": 1, "c": 2, "d": 2})
+    rows = {r["group"]: r for r in fleet_drift(store, "f1", by="wave", since_s=None)["rows"]}
+    assert set(rows) == {"wave 1", "wave 2"}
+    assert rows["wave 1"]["devices"] == ["a", "b"] and not rows["wave 1"]["input_drift"]
+    assert rows["wave 2"]["devices"] == ["c", "d"] and rows["wave 2"]["input_drift"]
+    assert rows["wave 2"]["samples"] == 3000 and rows["wave 2"]["worst"][0]["channel"] == 2
+    with pytest.raises(Exception, match="no rollout"):
+        fleet_drift(store, "f1", by="wave", rollout="r-404")
