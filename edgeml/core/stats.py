@@ -113,11 +113,4 @@ def js_distance(p, q) -> float:
     p, q = np.asarray(p, np.float64), np.asarray(q, np.float64)
     if p.shape != q.shape or p.sum() <= 0 or q.sum() <= 0:
         raise ValueError("js_distance needs two non-empty distributions of the same length")
-    p, q = p / p.sum(), q / q.sum()
-    m = (p + q) / 2
-
-    def kl(a, b):
-        mask = a > 0
-        return float(np.sum(a[mask] * np.log2(a[mask] / b[mask])))
-
-    return float(np.sqrt(max(0.0, (kl(p, m) + kl(q, m)) / 2)))
+    return float(drift.js(p.ravel(), q.ravel()))  # the drift monitor's, so both sides measure alike
