@@ -46,6 +46,7 @@ class Agent:
         self.recorder = None
         self.drift = None  # drift of the serving model's inputs and predictions (None: off)
         self.feedback = None  # ground truth for earlier requests and its reservoir (None: off)
+        self.shadow = None  # a candidate run beside the serving model on sampled requests (None: none)
         self._chores = None  # the thread that hands feedback windows to telemetry and saves the reservoir
         self.monitor = None  # live health of the serving model, for updates
         self.sink = None  # what serving reports to: the recorder and the monitor
@@ -97,6 +98,8 @@ class Agent:
             self.updates.stop()
         if self.api is not None:
             self.api.stop()
+        if self.shadow is not None:
+            self.shadow.close()  # its last window goes to the recorder before that closes
         if self.drift is not None:
             self.drift.close()  # its last window goes to the recorder before that closes
         if self._chores is not None:
@@ -187,6 +190,7 @@ class Agent:
             "queue": self.queue.stats() if self.queue else None,
             "mqtt": self.link.status() if self.link else None,
             "update": self.updates.status() if self.updates else None,
+            "shadow": self.shadow.status() if self.shadow else None,
         }
 
     # -- what the update engine asks of the agent ---------------------------------------------------
@@ -216,6 +220,33 @@ class Agent:
         old_recorder.close()
         self.report()
 
+    def start_shadow(self, service, sample: float, rollout: str) -> None:
+        """Run ``service`` (loaded and self-tested) beside the serving model on ``sample`` of the
+        requests, off the response path (``device_agent.monitoring.shadow``)."""
+        from .monitoring.shadow import ShadowRunner
+
+        runner = ShadowRunner(service, sample=sample, rollout=rollout, emit=self._shadow_record,
+                              window_s=self.config.stats_window_s, active=self.service)
+        self._set_shadow(runner)
+
+    def stop_shadow(self):
+        """Stop the shadow; the candidate it ran (None if none), still loaded, for a promotion."""
+        runner = self._set_shadow(None)
+        return runner.candidate if runner is not None else None
+
+    def _set_shadow(self, runner):
+        with self._swap_lock:
+            old, self.shadow = self.shadow, runner
+            self.sink = self._sink()
+            if self.api is not None:
+                self.api.sink = self.sink
+        if old is not None:
+            old.close()
+        return old
+
+    def _shadow_record(self, record: dict) -> None:
+        self.recorder.record(record)
+
     def report(self) -> None:
         """Publish the retained state again (model, update progress)."""
         if self.link is not None:
@@ -233,7 +264,7 @@ class Agent:
     def _sink(self):
         from .updates import Tee
 
-        return Tee(*(s for s in (self.recorder, self.monitor, self.drift) if s is not None))
+        return Tee(*(s for s in (self.recorder, self.monitor, self.drift, self.shadow) if s is not None))
 
     def _drift(self, c: AgentConfig, service=None):
         if not c.drift:

@@ -1,6 +1,7 @@
 """The dashboard of ``fleet serve --http`` in a real headless Chromium (Debian's, driven by
 Playwright) against a running controller with live agents: a device appears, a push shows its
-progress, a drift alert shows up, each without a reload; actions need the token."""
+progress, a drift alert shows up, a shadow shows its agreement and is promoted from the page,
+each without a reload; actions need the token."""
 from __future__ import annotations
 
 import json
@@ -15,7 +16,8 @@ from waiting import wait_until
 
 CHROMIUM = "/usr/bin/chromium"
 TOKEN = "0123456789abcdef0123456789abcdef"
-MONITORING = "[monitoring]\ndrift_window_s = 0.5\ndrift_windows = 4\ndrift_min_samples = 40\n"
+MONITORING = ("[monitoring]\ndrift_window_s = 0.5\ndrift_windows = 4\ndrift_min_samples = 40\n"
+              "[telemetry]\nstats_window_s = 0.5\n")  # shadow windows too
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +43,8 @@ def test_the_dashboard_updates_live_in_chromium(browser, tmp_path, mosquitto, di
     token_file.write_text(TOKEN + "\n")
     db = f"sqlite:///{tmp_path / 'fleet.db'}"
     serve = FleetServe(mosquitto.url, db, tmp_path / "serve.log", http=True,
-                       extra=["--http-token-file", token_file]).start()
+                       extra=["--http-token-file", token_file,
+                              "--signing-key", digits_dir / "keys" / "signing.key"]).start()
     base = f"http://127.0.0.1:{serve.http_port}"
     config = tmp_path / "agent.toml"
     config.write_text(MONITORING)
@@ -92,7 +95,22 @@ def test_the_dashboard_updates_live_in_chromium(browser, tmp_path, mosquitto, di
             agent.infer("digits", {"image": x[None]})
         page.wait_for_selector("#alerts tr.open:has-text('input_drift')", timeout=30000)
         page.wait_for_selector("#drift td.alert:has-text('DRIFT')", timeout=30000)
+
+        # a shadow: its agreement shows up live, and the page promotes it
+        shadow = cli_json("fleet", "push", versions[3], "--fleet", "f1", "--key", digits_dir / "keys" / "signing.key",
+                          "--shadow", "--sample", "1.0", "--db", db)
+        box = f"#shadow [data-rollout='{shadow['rollout']}']"
+        page.wait_for_selector(f"tr[data-rollout='{shadow['rollout']}'] td.state:has-text('shadowing')", timeout=30000)
+        for i in range(100):
+            agent.infer("digits", {"image": images[i][None]})
+        page.wait_for_selector(f"{box}:has-text('100.0% top-1')", timeout=30000)
+        page.wait_for_selector(f"{box} tr[data-device='dev1']", timeout=10000)
         page.screenshot(path=str(tmp_path / "dashboard.png"), full_page=True)
+        page.click(f"tr[data-rollout='{shadow['rollout']}'] button[data-action='promote']")
+        page.wait_for_selector(f"tr[data-rollout='{shadow['rollout']}'] td.state:has-text('promoted')", timeout=15000)
+        promoted = [r for r in cli_json("fleet", "rollouts", "--db", db)["rollouts"] if r["version"] == 3
+                    and r["kind"] == "update"]
+        assert len(promoted) == 1 and promoted[0]["state"] in ("running", "completed")
         assert foreign == []  # nothing fetched from anywhere else
 
         metrics = _request(base + "/metrics", headers={"Authorization": f"Bearer {TOKEN}"})

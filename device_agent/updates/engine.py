@@ -12,6 +12,15 @@ has a resume rule, so SIGKILL or a power cut anywhere resumes or cleans up:
     activating    the old model serves; activate again      observing     the new model serves; the window restarts
     rolling_back  the previous model serves; finish         committed     finish (report, clean up)
 
+A shadow update (the desired message carries ``shadow``) stops after its self-test, in a steady
+state: ``self_testing -> shadowing``. The candidate runs beside the active model on sampled
+requests (``device_agent.monitoring.shadow``) and never serves. It ends when the host wants
+something else (``ended``; the candidate's file goes) or becomes a normal update when the host
+promotes it: a desired message for the same model without ``shadow``, which goes on from
+``staged`` with the file already here and the candidate already loaded.
+
+    shadowing     the active model serves; load the candidate again and go on shadowing
+
 A step entered ``MAX_ATTEMPTS`` times for one update (a crash loop) fails the update; a crash loop
 while observing rolls back. The old model serves until the new one is loaded, self-tested and
 warmed up beside it; the swap is one assignment, so no request sees a gap.
@@ -84,11 +93,13 @@ class UpdateEngine:
         self.verify_file, self.verify_order = verify_file, verify_order
         self.ca_file, self.fetch_timeout, self.fetch_attempts, self.tick_s = ca_file, fetch_timeout, fetch_attempts, tick_s
         self._desired: Optional[uc.Desired] = None
+        self._desired_heard = False  # a desired message (or its clearing) arrived since the start
         self._desired_seen = threading.Event()
         self._cancel = threading.Event()
         self._stop = threading.Event()
         self._fetch: Optional[MqttFetch] = None
         self._loaded = None  # the staged model, loaded and warmed by the self-test
+        self._shadowing: Optional[str] = None  # content_sha256 of the candidate this process runs as a shadow
         self._window_start = 0.0  # monotonic start of the health window
         self._progress = None
         self._progress_sent = 0.0
@@ -121,6 +132,7 @@ class UpdateEngine:
             log.warning("updates: ignoring a desired message for %s/%s", desired.fleet, desired.device)
             return
         self._desired = desired
+        self._desired_heard = True
         busy = self.store.state.get("target") if self.store.state["state"] in IN_PROGRESS else None
         if busy and (desired is None or desired.content_sha256 != busy["content_sha256"]):
             self._cancel.set()  # the host wants something else now: stop the download or step
@@ -168,6 +180,8 @@ class UpdateEngine:
         state = self.store.state["state"]
         if state == uc.OBSERVING:
             self._observe()
+        elif state == uc.SHADOWING:
+            self._shadow()
         elif state == uc.ROLLING_BACK:
             self._roll_back(self.store.state.get("error") or "resumed after a restart",
                             mark=self.store.state.get("mark_failed", True))
@@ -250,6 +264,9 @@ class UpdateEngine:
                 state = uc.STAGED
             if state in (uc.STAGED, uc.SELF_TESTING):
                 self._self_test(desired)
+                if desired.shadow is not None:
+                    self._start_shadow(desired)
+                    return
                 state = uc.ACTIVATING
             if state == uc.ACTIVATING:
                 self._activate(desired)
@@ -348,10 +365,13 @@ class UpdateEngine:
     def _self_test(self, desired: uc.Desired) -> None:
         self._enter(uc.SELF_TESTING)
         path = self.store.state["target"]["path"]
-        try:
-            new = self.host.load(path)  # verify, load, reference outputs, warm up
-        except EdgemlError as exc:
-            raise UpdateFailed(f"self-test failed: {first_line(exc)}", mark=True) from exc
+        new = self._loaded  # a promoted shadow: loaded, self-tested and run beside the active model already
+        self._loaded = None
+        if new is None or new.artifact.content_sha256 != desired.content_sha256:
+            try:
+                new = self.host.load(path)  # verify, load, reference outputs, warm up
+            except EdgemlError as exc:
+                raise UpdateFailed(f"self-test failed: {first_line(exc)}", mark=True) from exc
         old = self.host.service
         new_ms, old_ms = _selftest_latencies(new, old)
         budget = desired.health.latency_budget
@@ -381,6 +401,67 @@ class UpdateEngine:
             return self.host.load(self.store.state["target"]["path"])
         except EdgemlError as exc:
             raise UpdateFailed(f"self-test failed: {first_line(exc)}", mark=True) from exc
+
+    # -- shadowing -------------------------------------------------------------------------------
+
+    def _start_shadow(self, desired: uc.Desired) -> None:
+        self._enter(uc.SHADOWING)
+        new, self._loaded = self._loaded, None
+        self.host.start_shadow(new, desired.shadow["sample"], desired.rollout)
+        self._shadowing = desired.content_sha256
+
+    def _shadow(self) -> None:
+        s = self.store.state
+        desired, target = self._desired, s["target"]
+        if self._desired_heard and (desired is None or desired.content_sha256 != target["content_sha256"]):
+            self._end_shadow("the host asked for another model")
+            return
+        if desired is not None and desired.content_sha256 == target["content_sha256"] and desired.shadow is None:
+            self._promote(desired)
+            return
+        if self._shadowing != target["content_sha256"]:  # resumed after a restart: load it again
+            if self.store.attempts(uc.SHADOWING) >= MAX_ATTEMPTS:
+                self._end_shadow(f"the agent restarted {MAX_ATTEMPTS} times while shadowing the candidate",
+                                 result="failed", mark=True)
+                return
+            self.store.enter(uc.SHADOWING)
+            try:
+                candidate = self.host.load(target["path"])
+            except EdgemlError as exc:
+                self._end_shadow(f"self-test failed: {first_line(exc)}", result="failed", mark=True)
+                return
+            plan = _desired_of(s)
+            self.host.start_shadow(candidate, plan.shadow["sample"] if plan.shadow else 1.0, s.get("rollout"))
+            self._shadowing = target["content_sha256"]
+            self._event()
+        elif desired is not None and desired.shadow is not None and (
+                desired.rollout != s.get("rollout") or desired.shadow != _desired_of(s).shadow):
+            # the same candidate, pushed again (another sample): go on with the new settings
+            self.store.save(rollout=desired.rollout, desired=_plain(desired),
+                            last={"rollout": desired.rollout, "content_sha256": desired.content_sha256})
+            self.host.start_shadow(self.host.stop_shadow(), desired.shadow["sample"], desired.rollout)
+            self._event()
+
+    def _end_shadow(self, reason: str, result: str = "ended", mark: bool = False) -> None:
+        self.host.stop_shadow()
+        self._shadowing = None
+        self._finish_early(result, reason, mark=mark)
+
+    def _promote(self, desired: uc.Desired) -> None:
+        """The host promoted the shadow: the same file, a normal update from ``staged`` on."""
+        candidate = self.host.stop_shadow()
+        self._shadowing = None
+        self.store.save(rollout=desired.rollout, desired=_plain(desired), result=None, error=None, evidence=None,
+                        attempts={}, order_issued=None,
+                        last={"rollout": desired.rollout, "content_sha256": desired.content_sha256})
+        reason = self.judge(desired)
+        if reason:
+            self._finish_early("refused", reason)
+            return
+        self._loaded = candidate
+        log.info("updates: promoting the shadow %s v%s", desired.target["name"], desired.version)
+        self._enter(uc.STAGED)
+        self._advance()
 
     # -- observing -------------------------------------------------------------------------------
 
@@ -473,7 +554,7 @@ class UpdateEngine:
                 Path((s.get("active") or {}).get("path", "")).name, Path((s.get("previous") or {}).get("path", "")).name}:
             Path(target["path"]).unlink(missing_ok=True)
         self.store.collect_garbage()
-        (log.info if result == "cancelled" else log.warning)("updates: %s %s v%s: %s", result, target.get("name"),
+        (log.info if result in ("cancelled", "ended") else log.warning)("updates: %s %s v%s: %s", result, target.get("name"),
                                                               target.get("version"), reason)
         self._event()
 

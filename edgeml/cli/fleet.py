@@ -114,9 +114,11 @@ def _stats_line(stats: dict) -> str:
 @click.option("--http-token-file", type=click.Path(path_type=Path),
               help="File holding the token the dashboard, /metrics and rollout actions need (required when --http "
                    "is not loopback; actions need it always).")
+@click.option("--signing-key", type=click.Path(path_type=Path),
+              help="signing.key: lets the dashboard promote a shadow (a promotion signs a rollback order).")
 @json_option
 def fleet_serve(broker, db_url, username, password_file, ca_file, cert_file, key_file, group, client_id, http,
-                alert_webhook, http_token_file, as_json) -> None:
+                alert_webhook, http_token_file, signing_key, as_json) -> None:
     """Run the controller, the collector and the artifact server until SIGTERM or Ctrl-C."""
     import signal
     import threading
@@ -131,6 +133,10 @@ def fleet_serve(broker, db_url, username, password_file, ca_file, cert_file, key
         check_webhook_url(alert_webhook)
     password = _read_password(password_file, username)
     http_token = _read_token(http_token_file) if http_token_file else None
+    if signing_key:
+        from edgeml.core.signing import load_private_key
+
+        load_private_key(signing_key)  # a bad key is refused now, not at the first promotion
     if http:
         from edgeml.fleet.server import check_http_binding
 
@@ -149,7 +155,8 @@ def fleet_serve(broker, db_url, username, password_file, ca_file, cert_file, key
     try:
         stats = serve_fleet(broker, db_url, stop, http=http, username=username, password=password, ca_file=ca_file,
                             cert_file=cert_file, key_file=key_file, group=group, client_id=client_id,
-                            alert_webhook=alert_webhook, http_token=http_token, on_ready=ready,
+                            alert_webhook=alert_webhook, http_token=http_token, signing_key=signing_key,
+                            on_ready=ready,
                             on_progress=_every(10.0, progress))
     finally:
         for sig, handler in previous.items():
@@ -274,6 +281,68 @@ def fleet_alerts_command(db_url, fleet_id, since, as_json) -> None:
         table.add_row(a["state"], a["fleet"], a["device"], f"{a['model']} v{a['version']}", a["alert"], when(a["since"]),
                       when(a["cleared"]), ", ".join(describe_feature(f) for f in a["features"][:3]))
     stdout_console().print(table)
+
+
+@fleet.command("shadow")
+@db_option
+@click.option("--fleet", "fleet_id", help="Only this fleet's devices [default: every fleet].")
+@click.option("--version", "version", type=int, help="Only this candidate version (the shadow model's).")
+@click.option("--rollout", help="Only the windows of this shadow rollout (its id or a unique prefix).")
+@click.option("--since", "since", default="all", show_default=True,
+              help="Windows of the last 90s, 30m, 1h, 2d, or all.")
+@json_option
+def fleet_shadow_command(db_url, fleet_id, version, rollout, since, as_json) -> None:
+    """How a candidate run beside the active model (a shadow push) compares on live requests:
+    agreement, both models' latency on the same requests, errors and drops, per device and fleet-wide."""
+    import time
+
+    from edgeml.fleet import open_store
+    from edgeml.fleet.shadow import describe_agreement, shadow_report
+
+    seconds = _since(since)
+    with open_store(db_url, create=False) as store:
+        result = shadow_report(store, fleet_id, version=version, rollout=rollout,
+                               since=None if seconds is None else time.time() - seconds)
+    if as_json:
+        emit(result)
+        return
+    if not result["devices"]:
+        where = [f"fleet {fleet_id}" if fleet_id else "", f"v{version}" if version is not None else "",
+                 f"rollout {result['rollout']}" if rollout else "", f"the last {since}" if seconds is not None else ""]
+        where = " and ".join(w for w in where if w)
+        click.echo(f"no shadow windows yet{' for ' + where if where else ''}: push a candidate with "
+                   f"`edgeml fleet push ART --fleet {fleet_id or 'F'} --shadow`")
+        return
+    from rich.table import Table
+
+    fw = result["fleet_wide"]
+    table = Table(title=f"shadow evaluation{' in fleet ' + fleet_id if fleet_id else ''}, windows of "
+                        f"{'all time' if seconds is None else 'the last ' + since}")
+    for col in ("device", "shadow vs active", "compared", "agreement", "active p50", "shadow p50", "ratio", "errors",
+                "dropped"):
+        text = col in ("device", "shadow vs active", "agreement")
+        table.add_column(col, justify="left" if text else "right", no_wrap=text)
+    for d in result["devices"]:
+        table.add_row(d["device"] if fleet_id else f"{d['fleet']}/{d['device']}",
+                      f"{d['model']} v{d['shadow_version']} vs v{d['active_version']}", str(d["compared"]),
+                      describe_agreement(d), _ms(d["active_p50_ms"]), _ms(d["shadow_p50_ms"]),
+                      _ratio(d["latency_ratio"]), str(d["errors"]), str(d["dropped"]),
+                      end_section=d is result["devices"][-1])
+    versions = ", ".join(f"v{v}" for v in fw["shadow_versions"])
+    table.add_row(f"fleet-wide, {fw['devices']} devices", versions, str(fw["compared"]), describe_agreement(fw),
+                  _ms(fw["active_p50_ms"]), _ms(fw["shadow_p50_ms"]), _ratio(fw["latency_ratio"]), str(fw["errors"]),
+                  str(fw["dropped"]), style="bold")
+    stdout_console().print(table)
+    if len(fw["shadow_versions"]) > 1:
+        click.echo("the fleet-wide row adds up several candidate versions; pick one with --version N")
+
+
+def _ms(v) -> str:
+    return "-" if v is None else f"{v:.3g} ms"
+
+
+def _ratio(v) -> str:
+    return "-" if v is None else f"{v:.2f}x"
 
 
 def _num(v) -> str:

@@ -1,5 +1,5 @@
-"""``edgeml fleet push``, ``rollouts``, ``rollout show|pause|resume|abort``, ``rollback`` and
-``group``: rollouts over the library in ``edgeml.fleet.rollouts``."""
+"""``edgeml fleet push``, ``promote``, ``rollouts``, ``rollout show|pause|resume|abort``,
+``rollback`` and ``group``: rollouts over the library in ``edgeml.fleet.rollouts``."""
 from __future__ import annotations
 
 import functools
@@ -64,12 +64,19 @@ def _split(value):
 @click.option("--delta-base", type=click.Path(path_type=Path), multiple=True,
               help="An artifact devices may hold: they get a zstd patch from it when that is smaller (repeatable).")
 @click.option("--no-delta", is_flag=True, help="Always send the whole artifact.")
+@click.option("--shadow", is_flag=True,
+              help="Do not switch: every target runs ARTIFACT beside its model on sampled live requests, off the "
+                   "response path (see `edgeml fleet shadow`; `edgeml fleet promote` rolls it out).")
+@click.option("--sample", type=float, default=None,
+              help="With --shadow: the share of requests the candidate also runs on [default: 0.1].")
 @db_option
 @json_option
 def fleet_push(artifact, fleet_id, key, devices, group_name, waves, health_window, min_requests, abort_on,
-               wave_timeout, latency_budget, block_size, url, delta_base, no_delta, db_url, as_json) -> None:
+               wave_timeout, latency_budget, block_size, url, delta_base, no_delta, shadow, sample, db_url,
+               as_json) -> None:
     """Roll ARTIFACT (a .edgeml file, or models:/NAME/VERSION registered in MLflow) out to a fleet
-    in waves; each device commits only on live evidence."""
+    in waves; each device commits only on live evidence. With --shadow, run it beside the
+    fleet's model instead, to see how it would do."""
     from edgeml.fleet import open_store
     from edgeml.fleet.rollouts import push, push_registered
     from edgeml.tracking import is_mlflow_uri
@@ -80,9 +87,14 @@ def fleet_push(artifact, fleet_id, key, devices, group_name, waves, health_windo
         result = run(fleet=fleet_id, key=key, devices=_split(devices), group=group_name,
                       waves=waves, health_window=health_window, min_requests=min_requests, abort_on=abort_on,
                       wave_timeout=wave_timeout, latency_budget=latency_budget, block_size=block_size, url=url,
-                      delta_bases=delta_base, delta=not no_delta)
+                      delta_bases=delta_base, delta=not no_delta, **_shadow(shadow, sample))
     if as_json:
         emit(result)
+        return
+    if result["shadow"]:
+        click.echo(f"shadow {result['rollout']}: {result['name']} v{result['version']} beside the model of "
+                   f"{result['devices']} devices of {result['fleet']} on {result['shadow']['sample']:.0%} of their "
+                   f"requests; `edgeml fleet shadow --fleet {result['fleet']}` shows how they agree")
         return
     deltas = ", ".join(f"from {b}: {n} bytes" for b, n in result["deltas"].items()) or "none"
     click.echo(f"rollout {result['rollout']}: {result['name']} v{result['version']} to {result['devices']} devices "
@@ -91,6 +103,47 @@ def fleet_push(artifact, fleet_id, key, devices, group_name, waves, health_windo
     if not result["controllers"]:
         click.echo("note: no `edgeml fleet serve` has been seen in the last 30 s; the rollout starts when one runs",
                    err=True)
+
+
+def _shadow(shadow: bool, sample):
+    if sample is not None and not shadow:
+        raise click.UsageError("--sample goes with --shadow")
+    return {"shadow": (0.1 if sample is None else sample)} if shadow else {}
+
+
+@click.command("promote")
+@fleet_option
+@click.option("--shadow-version", type=int, required=True, help="The version running as a shadow.")
+@click.option("--key", type=click.Path(path_type=Path), required=True,
+              help="signing.key: checks the artifact and signs the rollback order an abort may need.")
+@click.option("--waves", default="1,10%,50%,100%", show_default=True,
+              help="Cumulative wave sizes: device counts or shares of the shadow's devices.")
+@click.option("--health-window", default="5m", show_default=True,
+              help="How long each device watches the new model on live traffic before it commits.")
+@click.option("--min-requests", type=int, default=0, show_default=True,
+              help="Requests a device must serve in its window to count as evidence.")
+@click.option("--abort-on", default=uc.DEFAULT_RULES, show_default=True, help="Rules, as for push.")
+@click.option("--wave-timeout", help="How long a wave waits for its devices [default: 2 x health window + 10m].")
+@click.option("--latency-budget", type=float, default=5.0, show_default=True,
+              help="Self-test: the new model may be this many times slower than the old on its reference inputs.")
+@db_option
+@json_option
+def fleet_promote(fleet_id, shadow_version, key, waves, health_window, min_requests, abort_on, wave_timeout,
+                  latency_budget, db_url, as_json) -> None:
+    """Turn a running shadow into a staged rollout of the same artifact, without a second
+    download: its devices hold the file and the loaded candidate already."""
+    from edgeml.fleet import open_store
+    from edgeml.fleet.rollouts import promote
+
+    with open_store(db_url) as store:
+        result = promote(store, fleet=fleet_id, key=key, shadow_version=shadow_version, waves=waves,
+                         health_window=health_window, min_requests=min_requests, abort_on=abort_on,
+                         wave_timeout=wave_timeout, latency_budget=latency_budget)
+    if as_json:
+        emit(result)
+        return
+    click.echo(f"rollout {result['rollout']}: {result['name']} v{result['version']}, promoted from shadow "
+               f"{result['promoted_from']}, to {result['devices']} devices of {result['fleet']}, waves {result['waves']}")
 
 
 @click.command("rollouts")
@@ -329,4 +382,4 @@ def group_list(fleet_id, db_url, as_json) -> None:
             click.echo(f"{name}: {', '.join(members)}")
 
 
-COMMANDS = (fleet_push, fleet_rollouts, fleet_rollout, fleet_rollback, fleet_group)
+COMMANDS = (fleet_push, fleet_promote, fleet_rollouts, fleet_rollout, fleet_rollback, fleet_group)

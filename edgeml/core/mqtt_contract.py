@@ -35,6 +35,10 @@ Every record has ``seq`` (per device, from 1, strictly increasing, never reused,
     feedback     model, version, labelled, correct, accuracy, reservoir: live accuracy of a window's labels
     alert        model, version, alert (input_drift | prediction_drift | confidence_drop), state (raised |
                  cleared), since, features (the worst, with their scores), samples
+    shadow       model, version (the active one), shadow_version, shadow_sha256, rollout, window_s, sampled,
+                 compared, dropped, errors, rows, agreed (top-1), cosine_sum, cosine_min, active_ms and
+                 shadow_ms ({bucket: count} in ``edgeml.core.shadow``'s log buckets): one window of a
+                 candidate run beside the active model on sampled requests; the counts add up
 
 A PUBACK is not delivery: a broker killed before it handed a message on loses it. So a device
 keeps every record until the host says it has committed it. ``epoch`` names the device's queue
@@ -63,7 +67,8 @@ ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 EPOCH_RE = re.compile(r"^[0-9a-f]{1,32}$")
 CHANNELS = ("presence", "state", "telemetry", "events", "ack", "desired", "chunks", "chunks/req", "feedback/req",
             "feedback")
-KINDS = ("inference", "error", "input_stats", "system", "dropped", "baseline", "drift", "alert", "feedback")
+KINDS = ("inference", "error", "input_stats", "system", "dropped", "baseline", "drift", "alert", "feedback",
+         "shadow")
 TELEMETRY_CONTENT_TYPE = "application/json+zstd"
 MAX_BATCH_BYTES = 4 << 20  # a decompressed batch larger than this is refused (no zstd bombs)
 SHARED_GROUP = "collectors"

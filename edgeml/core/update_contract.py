@@ -11,7 +11,9 @@ The desired model (host -> device, retained on ``.../desired``, JSON)::
      "full":    {"id", "kind": "full", "size", "block_size", "hashes": [...], "url"?},
      "delta":   {"id", "kind": "delta", "size", "block_size", "hashes", "base"} or null,
      "health":  {"window_s", "min_requests", "rules": "error_rate>0.05,...", "latency_budget"},
-     "order":   a signed rollback order (``edgeml.core.orders``) or null}
+     "order":   a signed rollback order (``edgeml.core.orders``) or null,
+     "shadow":  {"sample"} (optional): run the target beside the active model on this share of
+                live requests, off the response path, and report how the two agree; never switch}
 
 ``content_sha256`` names the artifact's unpacked ZIP, which is what the signature covers and what
 a delta rebuilds; ``sha256`` the shipped (zstd) file. A transfer's ``id`` is the sha256 of the
@@ -53,9 +55,14 @@ ERROR_CONTENT_TYPE = "application/json"
 IDLE, DOWNLOADING, VERIFYING, STAGED, SELF_TESTING, ACTIVATING, OBSERVING, COMMITTED, ROLLING_BACK, FAILED = (
     "idle", "downloading", "verifying", "staged", "self_testing", "activating", "observing", "committed",
     "rolling_back", "failed")
-STATES = (IDLE, DOWNLOADING, VERIFYING, STAGED, SELF_TESTING, ACTIVATING, OBSERVING, COMMITTED, ROLLING_BACK, FAILED)
+# A shadow update stops after its self-test in this steady state: the candidate runs beside the
+# active model until the host promotes it (a rollout of the same model) or asks for another.
+SHADOWING = "shadowing"
+STATES = (IDLE, DOWNLOADING, VERIFYING, STAGED, SELF_TESTING, SHADOWING, ACTIVATING, OBSERVING, COMMITTED,
+          ROLLING_BACK, FAILED)
 # How an update ended, as the device reports it (``result``); only the first counts as evidence.
-RESULTS = ("committed", "committed_unobserved", "rolled_back", "failed", "refused", "cancelled")
+# ``ended``: a shadow the host no longer wants (the candidate was dropped, the active model stays).
+RESULTS = ("committed", "committed_unobserved", "rolled_back", "failed", "refused", "cancelled", "ended")
 
 
 # --- blocks ------------------------------------------------------------------------------------
@@ -296,6 +303,7 @@ class Desired:
     delta: Optional[Transfer] = None
     health: Health = field(default_factory=Health)
     order: Optional[dict] = None
+    shadow: Optional[dict] = None  # {"sample": share of requests}: run beside the active model, never switch
 
     def encode(self) -> bytes:
         body = {"schema": SCHEMA, "fleet": self.fleet, "device": self.device, "rollout": self.rollout,
@@ -303,6 +311,8 @@ class Desired:
                 "full": self.full.to_dict() if self.full else None,
                 "delta": self.delta.to_dict() if self.delta else None,
                 "health": asdict(self.health), "order": self.order}
+        if self.shadow is not None:
+            body["shadow"] = self.shadow
         return json.dumps(body, separators=(",", ":"), sort_keys=True).encode("utf-8")
 
     @property
@@ -349,7 +359,14 @@ def decode_desired(payload: bytes) -> Optional[Desired]:
     order = body.get("order")
     if order is not None and not isinstance(order, dict):
         raise ValueError("desired: order must be an object")
-    return Desired(body["fleet"], body["device"], body["rollout"], float(body["issued"]), target, full, delta, h, order)
+    shadow = body.get("shadow")
+    if shadow is not None:
+        sample = shadow.get("sample") if isinstance(shadow, dict) else None
+        if not (isinstance(sample, (int, float)) and not isinstance(sample, bool) and 0 < sample <= 1):
+            raise ValueError("desired: shadow needs a sample share above 0 and at most 1")
+        shadow = {"sample": float(sample)}
+    return Desired(body["fleet"], body["device"], body["rollout"], float(body["issued"]), target, full, delta, h,
+                   order, shadow)
 
 
 # --- blocks on the wire ----------------------------------------------------------------------------

@@ -15,6 +15,11 @@ hold (``failed>10%``: failed, rolled back or refused among the devices started);
 aborts the rollout, which sends the devices already updated back to the model they had (with the
 signed order made at push time when they had committed). A wave that times out goes on when at
 least one of its devices committed with evidence, and otherwise pauses, saying why.
+
+A shadow rollout (``push --shadow``) has one wave; a device is settled once it runs the
+candidate beside its model (``shadowing``), and the rollout then stays ``shadowing`` until it is
+promoted (``rollouts.promote``: a rollout of the same artifact takes over its devices) or aborted
+(the devices drop the candidate: the way back is the model they run).
 """
 from __future__ import annotations
 
@@ -25,7 +30,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 from edgeml.core import update_contract as uc
 from edgeml.core.mqtt_contract import topic
 
-from .rollouts import DONE, FAILED
+from .rollouts import DONE, FAILED, SHADOWING
 from .store import Store
 
 log = logging.getLogger("edgeml.fleet.controller")
@@ -48,7 +53,7 @@ class Controller:
         for rollout_id in self.store.rollout_ids():
             with self.store.transaction():
                 r = self.store.lock_rollout(rollout_id)
-                if r is None or r["state"] not in ("running", "paused", "aborting"):
+                if r is None or r["state"] not in ("running", "paused", "aborting", SHADOWING):
                     continue
                 sends = self.reconcile(r)
             if not sends:
@@ -72,7 +77,7 @@ class Controller:
             if (state, detail) != (a["state"], a["detail"]):
                 self.store.update_assignment(r["id"], a["device"], state=state, detail=detail)
                 a["state"], a["detail"] = state, detail
-        if r["state"] in ("running", "paused"):
+        if r["state"] in ("running", "paused", SHADOWING):
             broken = fleet_violations(r, assignments) + self._cohort_violations(r, now)
             if broken:
                 reason = "abort rule: " + "; ".join(broken)
@@ -88,6 +93,8 @@ class Controller:
             self._abort(r, assignments, now)
         elif r["state"] == "running":
             self._waves(r, assignments, now)
+        elif r["state"] == SHADOWING:
+            self._shadows(r, assignments, now)
         for a in assignments:
             if self._needs_desired(r, a, status.get(a["device"]) or {}, now):
                 payload = self._desired(r, a, status.get(a["device"]) or {})
@@ -146,13 +153,16 @@ class Controller:
 
     def _waves(self, r: dict, assignments: List[dict], now: float) -> None:
         plan, k = r["plan"], r["wave"]
+        shadow = r["kind"] == "shadow"
+        settled = DONE + ((SHADOWING,) if shadow else ())
         if k:
             current = [a for a in assignments if a["wave"] <= k]
-            if any(a["state"] not in DONE for a in current):
+            if any(a["state"] not in settled for a in current):
                 if now - (r["wave_started"] or now) < plan["wave_timeout_s"]:
                     return
-                late = [a for a in current if a["state"] not in DONE]
-                with_evidence = [a for a in current if a["wave"] == k and a["state"] == "committed"]
+                late = [a for a in current if a["state"] not in settled]
+                with_evidence = [a for a in current if a["wave"] == k and a["state"] == ("shadowing" if shadow
+                                                                                         else "committed")]
                 for a in late:
                     state = "unobserved" if a["state"] == "committed_unobserved" else "timed_out"
                     self.store.update_assignment(r["id"], a["device"], state=state, detail=a["detail"])
@@ -166,9 +176,10 @@ class Controller:
                     r["state"] = "paused"
                     return
             if k >= len(plan["waves"]):
-                self.store.update_rollout(r["id"], state="completed", reason=None)
-                r["state"] = "completed"
-                log.info("rollout %s completed", r["id"])
+                running = shadow and any(a["state"] == SHADOWING for a in assignments)
+                self.store.update_rollout(r["id"], state=SHADOWING if running else "completed", reason=None)
+                r["state"] = SHADOWING if running else "completed"
+                log.info("rollout %s %s", r["id"], "shadowing on every device it reached" if running else "completed")
                 return
         k += 1
         for a in assignments:
@@ -178,6 +189,12 @@ class Controller:
         self.store.update_rollout(r["id"], wave=k, wave_started=now)
         r["wave"], r["wave_started"] = k, now
         log.info("rollout %s: wave %d of %d started", r["id"], k, len(plan["waves"]))
+
+    def _shadows(self, r: dict, assignments: List[dict], now: float) -> None:
+        """A shadow runs until promoted or aborted; once no device runs it any more it is over."""
+        if not any(a["state"] == SHADOWING for a in assignments):
+            self.store.update_rollout(r["id"], state="completed", reason="no device runs the shadow any more")
+            r["state"] = "completed"
 
     def _abort(self, r: dict, assignments: List[dict], now: float) -> None:
         started = [a for a in assignments if a["state"] not in ("pending", "skipped")]
@@ -198,7 +215,7 @@ class Controller:
         if r["state"] == "aborting":
             return a["state"] == "returning" and (a["desired_at"] is None or (
                 now - a["desired_at"] > self.republish_s and s.get("presence") == "online"))
-        if r["state"] not in ("running", "paused") or a["state"] in ("pending", "skipped") or a["state"] in DONE:
+        if r["state"] not in ("running", "paused", SHADOWING) or a["state"] in ("pending", "skipped") or a["state"] in DONE:
             return False
         if a["desired_at"] is None:
             return True
@@ -216,7 +233,8 @@ class Controller:
         delta = plan["deltas"].get(current)
         desired = uc.Desired(r["fleet"], a["device"], r["id"], r["created"], dict(plan["target"]),
                              uc.Transfer.from_dict(plan["full"], "full"),
-                             uc.Transfer.from_dict(delta, "delta") if delta else None, health, plan.get("order"))
+                             uc.Transfer.from_dict(delta, "delta") if delta else None, health, plan.get("order"),
+                             plan.get("shadow"))
         return desired.encode()
 
     def _way_back(self, r: dict, a: dict, health: uc.Health) -> Optional[bytes]:

@@ -1,11 +1,12 @@
-"""The dashboard of ``fleet serve --http``: devices, rollouts, alerts, drift and traffic on one
-page, rendered here from the store (no front-end build, no third-party script: the charts are
-SVG drawn here), kept live by server-sent events (``/events``: the sections, re-rendered every
-``interval`` seconds, replace themselves in the page).
+"""The dashboard of ``fleet serve --http``: devices, rollouts, shadow evaluations, alerts, drift
+and traffic on one page, rendered here from the store (no front-end build, no third-party
+script: the charts are SVG drawn here), kept live by server-sent events (``/events``: the
+sections, re-rendered every ``interval`` seconds, replace themselves in the page).
 
 Bound to loopback it is open; on any other address ``fleet serve`` refuses to start without a
 token, which every page then needs (``?token=`` once, kept in a cookie, or ``Authorization:
-Bearer``). Actions (pause, resume, abort a rollout) always need the token.
+Bearer``). Actions (pause, resume, abort a rollout; promote a shadow, when ``fleet serve`` has
+``--signing-key``) always need the token.
 """
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from typing import Dict, List, Optional
 
 from .drift import describe_feature
 
-SECTIONS = ("devices", "rollouts", "alerts", "drift", "traffic")
+SECTIONS = ("devices", "rollouts", "shadow", "alerts", "drift", "traffic")
 COOKIE = "edgeml_token"
 
 
@@ -36,7 +37,8 @@ def sections(store, now: Optional[float] = None) -> Dict[str, str]:
     for a in listed:
         if a["state"] == "open":
             open_by_device[(a["fleet"], a["device"])] = open_by_device.get((a["fleet"], a["device"]), 0) + 1
-    out = {"devices": _devices(devices, open_by_device), "rollouts": _rollouts(store), "alerts": _alerts(listed)}
+    out = {"devices": _devices(devices, open_by_device), "rollouts": _rollouts(store), "shadow": _shadow(store),
+           "alerts": _alerts(listed)}
     fleets = sorted({d["fleet"] for d in devices})
     drift_rows = []
     for fleet in fleets:
@@ -91,7 +93,69 @@ def _rollouts(store) -> str:
 
 
 def _actions(state: str) -> List[str]:
-    return {"running": ["pause", "abort"], "paused": ["resume", "abort"]}.get(state, [])
+    return {"running": ["pause", "abort"], "paused": ["resume", "abort"], "shadowing": ["promote", "abort"]}.get(state, [])
+
+
+SHADOW_LIVE = ("running", "shadowing")
+
+
+def _shadow(store) -> str:
+    """Each shadow rollout under way (and the latest promoted one): how its candidate compares with
+    the active model on the devices' sampled requests, fleet-wide and per device."""
+    from .shadow import describe_agreement, shadow_report
+
+    shadows = [r for r in store.rollouts() if r["kind"] == "shadow"]
+    shown = [r for r in shadows if r["state"] in SHADOW_LIVE]
+    promoted = [r for r in shadows if r["state"] == "promoted"]
+    if promoted:
+        shown.append(max(promoted, key=lambda r: r["updated"] or 0))
+    if not shown:
+        return ("<p class=empty>No shadow evaluation: push a candidate with "
+                "<code>edgeml fleet push ART --fleet F --shadow</code> to run it beside the active model.</p>")
+    out = []
+    for r in shown:
+        report = shadow_report(store, r["fleet"], rollout=r["id"])
+        fw, target = report["fleet_wide"], r["plan"].get("target") or {}
+        sample = (r["plan"].get("shadow") or {}).get("sample")
+        head = (f"<div class=shadow-rollout data-rollout='{_e(r['id'])}'><h3>{_e(target.get('name'))} "
+                f"v{_e(target.get('version'))} in fleet {_e(r['fleet'])} <span class=state>{_e(r['state'])}</span> "
+                f"<span class=tick>{_e(r['id'][:16])}{'' if sample is None else f', sampling {100 * sample:g}%'}"
+                f"</span></h3>")
+        if not report["devices"]:
+            out.append(head + "<p class=empty>No shadow window from its devices yet.</p></div>")
+            continue
+        ratio = "" if fw["latency_ratio"] is None else f", {fw['latency_ratio']:.2f}x"
+        out.append(head + f"<p class=shadow-summary>{_agreement_bar(fw['agreement'])} <b class=agreement>"
+                   f"{_e(describe_agreement(fw))}</b> over <span class=compared>{fw['compared']}</span> compared "
+                   f"requests on {fw['devices']} devices; p50 <span class=shadow-p50>{_ms(fw['shadow_p50_ms'])}</span> "
+                   f"(shadow) vs <span class=active-p50>{_ms(fw['active_p50_ms'])}</span> (active){ratio}; "
+                   f"<span class='errors {'alert' if fw['errors'] else ''}'>{fw['errors']} errors</span>, "
+                   f"{fw['dropped']} dropped</p>")
+        rows = ["<table class=shadow-table><thead><tr><th>device</th><th>shadow vs active</th><th>compared</th>"
+                "<th>agreement</th><th>active p50</th><th>shadow p50</th><th>ratio</th><th>errors</th><th>dropped</th>"
+                "</tr></thead><tbody>"]
+        for d in report["devices"]:
+            ratio = "-" if d["latency_ratio"] is None else f"{d['latency_ratio']:.2f}x"
+            rows.append(f"<tr data-device='{_e(d['device'])}'><td>{_e(d['device'])}</td>"
+                        f"<td>v{_e(d['shadow_version'])} vs v{_e(d['active_version'])}</td><td>{d['compared']}</td>"
+                        f"<td class=agreement>{_agreement_bar(d['agreement'])} {_e(describe_agreement(d))}</td>"
+                        f"<td>{_ms(d['active_p50_ms'])}</td><td>{_ms(d['shadow_p50_ms'])}</td><td>{ratio}</td>"
+                        f"<td class='{'alert' if d['errors'] else ''}'>{d['errors']}</td><td>{d['dropped']}</td></tr>")
+        rows.append("</tbody></table></div>")
+        out.append("\n".join(rows))
+    return "\n".join(out)
+
+
+def _agreement_bar(value) -> str:
+    if value is None:
+        return ""
+    share = min(max(value, 0.0), 1.0)
+    return (f"<svg width='60' height='10'><rect width='60' height='10' class=track />"
+            f"<rect width='{share * 60:.0f}' height='10' class=done /></svg>")
+
+
+def _ms(v) -> str:
+    return "-" if v is None else f"{v:.3g} ms"
 
 
 def _alerts(listed: List[dict]) -> str:
@@ -180,6 +244,7 @@ _PAGE = """<!doctype html>
 <style>
 body { font: 14px/1.4 system-ui, sans-serif; margin: 1.5em; color: #1b1b1b; }
 h1 { font-size: 1.4em; } h2 { font-size: 1.05em; text-transform: capitalize; margin: 1.4em 0 0.4em; }
+h3 { font-size: 0.95em; font-weight: 600; margin: 0.8em 0 0.3em; } .shadow-summary { margin: 0.3em 0; }
 table { border-collapse: collapse; } th, td { border-bottom: 1px solid #e3e3e3; padding: 3px 9px; text-align: left; }
 td.online { color: #1a7f37; } td.offline { color: #888; } td.alert, tr.open td:first-child { color: #b42318; font-weight: 600; }
 rect.track { fill: #eee; } rect.done { fill: #2f6fb0; } rect.bad { fill: #b42318; }

@@ -39,7 +39,7 @@ ROLLOUT_SCHEMA = (
 )
 # columns added to the telemetry store's devices table for updates
 DEVICE_COLUMNS = {"content_sha256": "TEXT", "update_status": "TEXT"}
-ACTIVE = ("running", "paused", "aborting")
+ACTIVE = ("running", "paused", "aborting", "shadowing")
 
 
 class RolloutTables:

@@ -29,6 +29,9 @@ log = logging.getLogger("edgeml.fleet")
 
 DONE = ("committed", "unobserved", "failed", "rolled_back", "refused", "timed_out", "skipped", "cancelled",
         "returned", "stays")
+# where a shadow rollout's device has got to once it runs the candidate beside its model; the
+# shadow goes on (the rollout stays active) until it is promoted or aborted
+SHADOWING = "shadowing"
 FAILED = ("failed", "rolled_back", "refused")
 ORDER_LIFETIME_S = 14 * 86400
 # A patch must save at least a tenth of the artifact to be sent instead of it: applying one costs the
@@ -118,9 +121,18 @@ def push(store: Store, artifact_path, *, fleet: str, key, devices: Optional[Sequ
          group: Optional[str] = None, waves: str = "1,10%,50%,100%", health_window="5m", min_requests: int = 0,
          abort_on: str = uc.DEFAULT_RULES, wave_timeout=None, latency_budget: float = 5.0,
          block_size: int = uc.BLOCK_SIZE, url: Optional[str] = None, delta_bases: Iterable = (),
-         delta: bool = True) -> dict:
-    """Check and record a rollout of ``artifact_path`` to ``fleet``; the controller carries it out."""
+         delta: bool = True, shadow: Optional[float] = None, promote_from: Optional[str] = None) -> dict:
+    """Check and record a rollout of ``artifact_path`` to ``fleet``; the controller carries it out.
+
+    ``shadow`` (a share of requests, 0-1]: deliver, verify and self-test the candidate on every
+    target at once and run it beside the active model on that share of live requests, without
+    switching (``fleet shadow`` reports how the two agree). ``promote_from``: the shadow rollout
+    this one promotes (``promote``), ended in the same transaction."""
     check_id(fleet, "fleet")
+    if shadow is not None:
+        if not 0 < shadow <= 1:
+            raise UsageError(f"--sample {shadow:g} must be above 0 and at most 1 (a share of the requests)")
+        waves = "100%"  # a shadow never answers a request: every target runs it at once
     rules, window, timeout = _health_plan(abort_on, health_window, wave_timeout)
     try:
         wave_spec = uc.parse_waves(waves)
@@ -140,11 +152,13 @@ def push(store: Store, artifact_path, *, fleet: str, key, devices: Optional[Sequ
         targets = resolve_targets(store, fleet, devices, group)
         known = {d["device"]: d for d in store.known_devices(fleet)}
         _check_versions(targets, known, name, version, art.content_sha256)
-        busy = store.busy_devices(fleet, exclude=rollout_id)
+        busy = store.busy_devices(fleet, exclude=promote_from or rollout_id)
         taken = sorted(d for d in targets if d in busy)
         if taken:
+            what = ("promote it (`edgeml fleet promote`) or abort it" if (store.rollout(busy[taken[0]]) or {}).get(
+                "kind") == "shadow" else "abort it or wait for it to finish")
             raise UsageError(f"{', '.join(taken[:5])} {'is' if len(taken) == 1 else 'are'} in rollout {busy[taken[0]]}; "
-                             "abort it or wait for it to finish")
+                             f"{what}")
         store.put_artifact(art, data)
     bases = _register_bases(store, delta_bases, private.public_key(), key_id)
     from_models = {d: known.get(d, {}) for d in targets}
@@ -167,15 +181,60 @@ def push(store: Store, artifact_path, *, fleet: str, key, devices: Optional[Sequ
                    "latency_budget": latency_budget},
         "waves": uc.wave_sizes(wave_spec, len(targets)), "wave_spec": waves, "wave_timeout_s": timeout,
     }
+    if shadow is not None:
+        plan["shadow"] = {"sample": float(shadow)}
+    if promote_from is not None:
+        plan["promoted_from"] = promote_from
     assignments = _assign(rollout_id, targets, plan["waves"], from_models)
-    store.create_rollout({"id": rollout_id, "fleet": fleet, "kind": "update", "artifact": art.content_sha256,
-                          "plan": plan, "signed_order": signed_order}, assignments)
-    log.info("rollout %s: %s v%s to %d devices of %s in %d waves", rollout_id, name, version, len(targets), fleet,
-             len(plan["waves"]))
+    with store.transaction():
+        if promote_from is not None:  # the shadow ends as its promotion begins, never neither or both
+            shadow_rollout = store.lock_rollout(promote_from)
+            if shadow_rollout is None or shadow_rollout["state"] not in ("running", SHADOWING):
+                raise UsageError(f"shadow rollout {promote_from} is {(shadow_rollout or {}).get('state', 'gone')}; "
+                                 "only a running shadow can be promoted")
+            store.update_rollout(promote_from, state="promoted", reason=f"promoted by rollout {rollout_id}")
+        store.create_rollout({"id": rollout_id, "fleet": fleet, "kind": "shadow" if shadow is not None else "update",
+                              "artifact": art.content_sha256, "plan": plan, "signed_order": signed_order}, assignments)
+    log.info("rollout %s: %s v%s to %d devices of %s %s", rollout_id, name, version, len(targets), fleet,
+             f"as a shadow on {shadow:.0%} of requests" if shadow is not None else f"in {len(plan['waves'])} waves")
     return {"ok": True, "rollout": rollout_id, "fleet": fleet, "name": name, "version": version,
+            "kind": "shadow" if shadow is not None else "update", "shadow": plan.get("shadow"),
+            "promoted_from": promote_from,
             "devices": len(targets), "waves": plan["waves"], "artifact_bytes": len(data),
             "deltas": {b[:12]: d["size"] for b, d in deltas.items()}, "rollback_order": signed_order is not None,
             "controllers": store.controllers_since(30.0)}
+
+
+def promote(store: Store, *, fleet: str, key, shadow_version: int, **options) -> dict:
+    """Turn the running shadow of version ``shadow_version`` into a staged rollout of the same
+    artifact to the same devices (those where the shadow failed are left out: they would refuse
+    it). The devices hold the file and the loaded candidate already: nothing is downloaded again."""
+    import tempfile
+
+    check_id(fleet, "fleet")
+    found = [r for r in store.rollouts(fleet) if r["kind"] == "shadow" and r["state"] in ("running", SHADOWING)
+             and r["plan"]["target"]["version"] == shadow_version]
+    if not found:
+        running = sorted({r["plan"]["target"]["version"] for r in store.rollouts(fleet)
+                          if r["kind"] == "shadow" and r["state"] in ("running", SHADOWING)})
+        raise UsageError(f"fleet {fleet} runs no shadow of version {shadow_version}"
+                         + (f" (shadows running: {', '.join(f'v{v}' for v in running)})" if running else
+                            "; start one with `edgeml fleet push ARTIFACT --fleet F --shadow`"))
+    r = found[0]
+    with store.transaction(write=False):
+        assignments = store.assignments(r["id"])
+    targets = sorted(a["device"] for a in assignments if a["state"] not in FAILED + ("skipped", "timed_out"))
+    if not targets:
+        raise UsageError(f"no device of shadow rollout {r['id']} runs the candidate; nothing to promote")
+    if options.get("devices") or options.get("group"):
+        raise UsageError("a promotion goes to the shadow's devices; give no --devices or --group")
+    info = store.artifact_info(r["artifact"])
+    with tempfile.TemporaryDirectory(prefix="edgeml-promote-") as tmp:
+        path = Path(tmp) / "candidate.edgeml"
+        path.write_bytes(store.blob(info["sha256"]))
+        result = push(store, path, fleet=fleet, key=key, devices=targets, delta=False, promote_from=r["id"],
+                      **options)
+    return result
 
 
 def rollback(store: Store, *, fleet: str, key, to: int, name: Optional[str] = None, artifact=None,
@@ -249,7 +308,7 @@ def set_state(store: Store, rollout_id: str, action: str) -> dict:
     """``pause`` (no new wave starts; devices updating go on), ``resume`` or ``abort`` (stop, and
     send the devices already updated back to the model they had)."""
     r = _find(store, rollout_id)
-    allowed = {"pause": ("running",), "resume": ("paused",), "abort": ("running", "paused")}[action]
+    allowed = {"pause": ("running",), "resume": ("paused",), "abort": ("running", "paused", SHADOWING)}[action]
     if r["state"] not in allowed:
         raise UsageError(f"rollout {r['id']} is {r['state']}; {action} needs it {' or '.join(allowed)}")
     with store.transaction():
@@ -277,7 +336,12 @@ def show(store: Store, rollout_id: str) -> dict:
     with store.transaction(write=False):
         assignments = store.assignments(r["id"])
         status = store.device_status(r["fleet"], [a["device"] for a in assignments])
-    return describe(r, assignments, status, store.events(r["id"], limit=50))
+    out = describe(r, assignments, status, store.events(r["id"], limit=50))
+    if r["kind"] == "shadow":  # how the candidate compares so far (`fleet shadow --rollout ID` per device)
+        from .shadow import shadow_report
+
+        out["shadow"] = {**r["plan"]["shadow"], **shadow_report(store, r["fleet"], rollout=r["id"])["fleet_wide"]}
+    return out
 
 
 def list_rollouts(store: Store, fleet: Optional[str] = None) -> dict:

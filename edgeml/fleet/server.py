@@ -116,13 +116,14 @@ class ControlLink:
 def serve_fleet(broker_url: str, db_url: str, stop: threading.Event, *, http: Optional[str] = None,
                 username=None, password=None, ca_file=None, cert_file=None, key_file=None,
                 group: str = contract.SHARED_GROUP, client_id: Optional[str] = None, tick_s: float = 0.5,
-                alert_webhook: Optional[str] = None, http_token: Optional[str] = None,
+                alert_webhook: Optional[str] = None, http_token: Optional[str] = None, signing_key=None,
                 on_progress: Optional[Callable[[dict], None]] = None, on_ready: Optional[Callable[[dict], None]] = None
                 ) -> dict:
     """Collector, controller and artifact server until ``stop`` is set; their figures. With
     ``http``, also the dashboard at ``/`` (live by ``/events``), rollout actions at
-    ``/api/rollouts/ID/{pause,resume,abort}`` and ``/metrics`` (Prometheus text: devices, alerts,
-    rollouts, records); ``http_token`` guards them (required off loopback; actions always); with
+    ``/api/rollouts/ID/{pause,resume,abort,promote}`` and ``/metrics`` (Prometheus text: devices,
+    alerts, rollouts, records); ``http_token`` guards them (required off loopback; actions always);
+    ``signing_key`` lets the dashboard promote a shadow (a promotion signs a rollback order); with
     ``alert_webhook``, every alert devices raise or clear is posted there as JSON."""
     tls = dict(username=username, password=password, ca_file=ca_file, cert_file=cert_file, key_file=key_file)
     if alert_webhook:
@@ -152,7 +153,7 @@ def serve_fleet(broker_url: str, db_url: str, stop: threading.Event, *, http: Op
         if http:
             host, _, port = http.rpartition(":")
             try:
-                web = _web(stores[2], host or "127.0.0.1", int(port), http_token)
+                web = _web(stores[2], host or "127.0.0.1", int(port), http_token, signing_key)
             except (OSError, ValueError) as exc:
                 raise InputError(f"cannot serve HTTP on {http}: {first_line(exc)}") from exc
         threads[0].start()
@@ -205,7 +206,7 @@ def check_http_binding(http: str, token: Optional[str]) -> None:
                          "pass --http-token-file FILE (or bind 127.0.0.1)")
 
 
-def _web(store, host: str, port: int, token: Optional[str]) -> HttpArtifacts:
+def _web(store, host: str, port: int, token: Optional[str], signing_key=None) -> HttpArtifacts:
     """The artifact server with the dashboard, its live events, rollout actions and /metrics."""
     from urllib.parse import parse_qs, urlsplit
 
@@ -264,12 +265,27 @@ def _web(store, host: str, port: int, token: Optional[str]) -> HttpArtifacts:
 
     def action(h, m):
         try:
-            result = set_state(store, m[1], m[2])
+            result = set_state(store, m[1], m[2]) if m[2] != "promote" else promote_shadow(m[1])
         except UsageError as exc:
             return 409 if "no rollout" not in str(exc) else 404, {"error": str(exc)}
+        except InputError as exc:
+            return 404, {"error": str(exc)}
         return 200, result
+
+    def promote_shadow(rollout_id: str) -> dict:
+        """The dashboard's promote: the shadow's devices in the default waves and health window."""
+        from .rollouts import _find, promote
+
+        r = _find(store, rollout_id)
+        if r["kind"] != "shadow":
+            raise UsageError(f"rollout {r['id']} is not a shadow; only a shadow is promoted")
+        if signing_key is None:
+            raise UsageError("promoting signs a rollback order: start fleet serve with --signing-key, or run "
+                             f"`edgeml fleet promote --fleet {r['fleet']} --shadow-version "
+                             f"{r['plan']['target']['version']} --key KEY`")
+        return promote(store, fleet=r["fleet"], key=signing_key, shadow_version=r["plan"]["target"]["version"])
 
     return HttpArtifacts(store, host, port, guard=guard,
                          pages={"/": home, "/metrics": lambda h: ("text/plain; version=0.0.4", fleet_metrics(store))},
                          streams={"/events": events},
-                         posts={r"^/api/rollouts/([^/]+)/(pause|resume|abort)$": action})
+                         posts={r"^/api/rollouts/([^/]+)/(pause|resume|abort|promote)$": action})
