@@ -40,7 +40,7 @@ def start_agent(artifact: Path, pub: Path, data: Path, api: str):
     from device_agent.daemon import Agent
 
     return Agent(load_config(None, dict(artifact=artifact, public_key=pub, data_dir=data, device_id="bench",
-                                        api=api, stats_window_s=3600.0))).start()
+                                        api=api, stats_window_s=3600.0, drift=False))).start()
 
 
 def toggle(agent, candidate_path: Path, pub: Path, on: bool) -> None:
@@ -48,6 +48,7 @@ def toggle(agent, candidate_path: Path, pub: Path, on: bool) -> None:
 
     if on:
         agent.start_shadow(ModelService.load(candidate_path, pub), 1.0, "bench")
+        assert agent.shadow.ready.wait(60), agent.shadow.status()  # its process loaded the candidate
     else:
         agent.stop_shadow()
 

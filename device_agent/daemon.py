@@ -222,11 +222,11 @@ class Agent:
 
     def start_shadow(self, service, sample: float, rollout: str) -> None:
         """Run ``service`` (loaded and self-tested) beside the serving model on ``sample`` of the
-        requests, off the response path (``device_agent.monitoring.shadow``)."""
-        from .monitoring.shadow import ShadowRunner
+        requests, off the response path (``device_agent.shadow``)."""
+        from .shadow import ShadowRunner
 
         runner = ShadowRunner(service, sample=sample, rollout=rollout, emit=self._shadow_record,
-                              window_s=self.config.stats_window_s, active=self.service)
+                              window_s=self.config.stats_window_s, active=self.service, threads=self.config.threads)
         self._set_shadow(runner)
 
     def stop_shadow(self):

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from fleet_harness import resign, trap_artifact
 
-from device_agent.monitoring.shadow import ShadowRunner
+from device_agent.shadow import ShadowRunner
 from device_agent.serving import ModelService
 from edgeml.core import shadow as sh
 
@@ -39,9 +39,15 @@ def _serve(active, runner, batch):
     return outputs
 
 
+def _ready(runner):
+    assert runner.ready.wait(60), runner.status()  # the candidate loaded in its own process
+    return runner
+
+
 def _run(runner, active, images, per_request=1):
     records = []
     runner.emit = records.append
+    _ready(runner)
     for i in range(0, len(images), per_request):
         _serve(active, runner, images[i:i + per_request])
         time.sleep(0.002)
@@ -77,6 +83,7 @@ def test_a_slow_candidate_is_dropped_and_counted_and_the_hand_off_never_waits(mo
     runner = ShadowRunner(models["slow"], sample=1.0, rollout="s-1", emit=None, window_s=60, max_pending=2)
     records = []
     runner.emit = records.append
+    _ready(runner)
     bright = images * 60.0
     costs = []
     for i in range(200):
@@ -96,6 +103,7 @@ def test_sampling_takes_about_the_share_asked(models, images):
     runner = ShadowRunner(models["v2"], sample=0.25, rollout="s-1", emit=None, window_s=60, seed=1)
     records = []
     runner.emit = records.append
+    _ready(runner)
     for _ in range(8):
         for i in range(64):
             runner.inference("digits", 1, 1.0, {"image": images[i:i + 1]}, {"probs": np.zeros((1, 10), np.float32)})
@@ -108,6 +116,7 @@ def test_a_candidate_that_fails_is_a_finding_not_a_crash(models, images):
     runner = ShadowRunner(models["errors"], sample=1.0, rollout="s-1", emit=None, window_s=60)
     records = []
     runner.emit = records.append
+    _ready(runner)
     for i in range(10):
         _serve(models["v1"], runner, images[i:i + 1] * 60.0)  # the trap fails on bright inputs
         time.sleep(0.01)

@@ -14,7 +14,7 @@ has a resume rule, so SIGKILL or a power cut anywhere resumes or cleans up:
 
 A shadow update (the desired message carries ``shadow``) stops after its self-test, in a steady
 state: ``self_testing -> shadowing``. The candidate runs beside the active model on sampled
-requests (``device_agent.monitoring.shadow``) and never serves. It ends when the host wants
+requests (``device_agent.shadow``) and never serves. It ends when the host wants
 something else (``ended``; the candidate's file goes) or becomes a normal update when the host
 promotes it: a desired message for the same model without ``shadow``, which goes on from
 ``staged`` with the file already here and the candidate already loaded.
