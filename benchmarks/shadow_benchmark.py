@@ -43,11 +43,11 @@ def start_agent(artifact: Path, pub: Path, data: Path, api: str):
                                         api=api, stats_window_s=3600.0, drift=False))).start()
 
 
-def toggle(agent, candidate_path: Path, pub: Path, on: bool) -> None:
+def toggle(agent, candidate_path: Path, pub: Path, on: bool, sample: float = 1.0) -> None:
     from device_agent.serving import ModelService
 
     if on:
-        agent.start_shadow(ModelService.load(candidate_path, pub), 1.0, "bench")
+        agent.start_shadow(ModelService.load(candidate_path, pub), sample, "bench")
         assert agent.shadow.ready.wait(60), agent.shadow.status()  # its process loaded the candidate
     else:
         agent.stop_shadow()
@@ -69,12 +69,12 @@ def blocks(call, set_shadow, rounds: int) -> dict:
     return {k: percentiles(v) for k, v in times.items()}
 
 
-def in_process(artifact, candidate, pub, x, work, rounds) -> dict:
-    agent = start_agent(artifact, pub, work / "inproc", "off")
+def in_process(artifact, candidate, pub, x, work, rounds, sample: float = 1.0) -> dict:
+    agent = start_agent(artifact, pub, work / f"inproc-{sample}", "off")
 
     def set_shadow(on):
         if on != (agent.shadow is not None):
-            toggle(agent, candidate, pub, on)
+            toggle(agent, candidate, pub, on, sample)
 
     seen = []
     agent._shadow_record = seen.append  # the windows the shadow closes, to read its counts
@@ -154,7 +154,8 @@ def main() -> None:
         candidate = resign(artifact, work / "v2.edgeml", work / "keys" / "signing.key", version=2)
         x = np.asarray(x, np.float32)
         results = {"in_process": in_process(artifact, candidate, pub, x, work, args.rounds),
-                   "http": over_http(artifact, candidate, pub, x, work, args.rounds)}
+                   "http": over_http(artifact, candidate, pub, x, work, args.rounds),
+                   "in_process_sample_0.2": in_process(artifact, candidate, pub, x, work, args.rounds, 0.2)}
     results["run"] = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
                       "command": "python benchmarks/shadow_benchmark.py", "cpu": os.cpu_count(),
                       "requests_per_condition": args.rounds * BLOCK}
@@ -171,12 +172,13 @@ def render(r: dict) -> str:
              f"candidate runs on every request); {r['run']['requests_per_condition']:,} single-image requests per "
              f"condition, in alternating blocks of {BLOCK}.\n",
              "| path | shadow | p50 ms | p99 ms | n |", "|---|---|---:|---:|---:|"]
-    for where, label in (("in_process", "in-process"), ("http", "HTTP (JSON)")):
+    paths = (("in_process", "in-process"), ("http", "HTTP (JSON)"), ("in_process_sample_0.2", "in-process, sample 0.2"))
+    for where, label in paths:
         for cond in ("off", "on"):
             v = r[where]["latency"][cond]
             lines.append(f"| {label} | {cond} | {v['p50_ms']:.4f} | {v['p99_ms']:.4f} | {v['n']} |")
     lines.append("")
-    for where, label in (("in_process", "in-process"), ("http", "HTTP (JSON)")):
+    for where, label in paths:
         lat, s = r[where]["latency"], r[where]["shadow"]
         added = 100 * (lat["on"]["p50_ms"] - lat["off"]["p50_ms"]) / lat["off"]["p50_ms"]
         lines.append(f"- {label}: the shadow adds {added:+.1f}% to the active model's p50 (target within 5%); it "

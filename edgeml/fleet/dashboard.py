@@ -78,7 +78,8 @@ def _rollouts(store) -> str:
     rows = ["<table id=rollouts-table><thead><tr><th>rollout</th><th>fleet</th><th>model</th><th>state</th><th>wave</th>"
             "<th>progress</th><th>devices</th><th></th></tr></thead><tbody>"]
     for r in reversed(listed):
-        done = sum(v for k, v in r["counts"].items() if k in ("committed", "committed_unobserved", "unobserved"))
+        reached = ("shadowing",) if r["kind"] == "shadow" else ("committed", "committed_unobserved", "unobserved")
+        done = sum(v for k, v in r["counts"].items() if k in reached)
         width = 100 * done / r["devices"] if r["devices"] else 0
         bar = (f"<svg width='120' height='12' class=progress><rect width='120' height='12' class=track />"
                f"<rect width='{1.2 * width:.0f}' height='12' class=done /></svg> {done}/{r['devices']}")
