@@ -13,6 +13,7 @@ from __future__ import annotations
 import hmac
 import html
 import json
+import threading
 import time
 from typing import Dict, List, Optional
 
@@ -230,9 +231,21 @@ def page(store) -> str:
     return _PAGE.replace("{{sections}}", body)
 
 
+_rendered: Dict[int, tuple] = {}  # id(store) -> (monotonic time, the event's bytes)
+_render_lock = threading.Lock()
+SHARED_S = 0.9  # pages open at once share one rendering this fresh (each reads every table)
+
+
 def event(store) -> bytes:
-    """One server-sent event: every section, re-rendered."""
-    return f"event: update\ndata: {json.dumps(sections(store))}\n\n".encode()
+    """One server-sent event: every section, re-rendered (at most once per ``SHARED_S`` for all
+    the pages open, so ten viewers cost the store what one does)."""
+    with _render_lock:
+        hit = _rendered.get(id(store))
+        if hit is not None and time.monotonic() - hit[0] < SHARED_S:
+            return hit[1]
+        data = f"event: update\ndata: {json.dumps(sections(store))}\n\n".encode()
+        _rendered[id(store)] = (time.monotonic(), data)
+        return data
 
 
 def token_ok(given: Optional[str], token: Optional[str]) -> bool:
