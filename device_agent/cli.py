@@ -49,6 +49,19 @@ RUN_FLAGS = (  # (flag, config key, type, help)
     ("--feedback-sample", "feedback_sample", float, "share of requests kept waiting for a label [default: 1.0]"),
     ("--feedback-pending", "feedback_pending", int, "requests waiting for a label at most [default: 1000]"),
     ("--feedback-max-bytes", "feedback_max_bytes", int, "bound of the labelled-sample reservoir [default: 16 MiB]"),
+    ("--api-token-file", "token_file", str, "bearer tokens for the API, one per line (required beyond loopback)"),
+    ("--open-health", "open_health", lambda text: _on_off(text), "on: /v2/health/* need no token [default: off]"),
+    ("--tls-cert-file", "tls_cert_file", str, "HTTPS: the API's certificate (with --tls-key-file)"),
+    ("--tls-key-file", "tls_key_file", str, "HTTPS: the API's private key"),
+    ("--tls-client-ca-file", "tls_client_ca_file", str, "mutual TLS: clients need a certificate this CA signed"),
+    ("--backlog", "backlog", int, "connections the kernel queues before they are accepted [default: 128]"),
+    ("--max-connections", "max_connections", int, "connections open at once; beyond, 503 [default: 128]"),
+    ("--workers", "workers", int, "requests running the model at once; beyond, 503 with Retry-After [default: 8]"),
+    ("--request-timeout", "request_timeout_s", float, "seconds for a request's headers and body to arrive [default: 10]"),
+    ("--instances", "instances", int, "interpreters of the model, one thread each [default: 1]"),
+    ("--max-batch", "max_batch", int, "dynamic batching: rows merged from concurrent requests, 0 off [default: 0]"),
+    ("--max-delay-ms", "max_delay_ms", float, "dynamic batching: longest wait for more requests [default: 1.0]"),
+    ("--cache-bytes", "cache_bytes", int, "response cache bound in bytes, 0 off [default: 0]"),
 )
 
 

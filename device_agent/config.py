@@ -38,6 +38,22 @@
     confidence_drop = 0.1                         # mean top-1 confidence this far below the baseline's
     clear_ratio = 0.7                             # an alert clears once every score is below this share of its threshold
 
+    [server]                                      # the local API beyond a loopback demo
+    token_file = "/etc/edgeml/api-tokens"         # bearer tokens, one per line (re-read on SIGHUP); required
+                                                  # when api listens beyond loopback
+    open_health = false                           # true: /v2/health/* answer without a token (for probes)
+    tls_cert_file = "/etc/edgeml/api.pem"         # HTTPS with this certificate and key
+    tls_key_file = "/etc/edgeml/api.key"
+    tls_client_ca_file = "/etc/edgeml/clients.pem"  # mutual TLS: clients need a certificate it signed
+    backlog = 128                                 # connections the kernel queues before the agent accepts them
+    max_connections = 128                         # open at once (a thread each); beyond, 503 with Retry-After
+    workers = 8                                   # requests running the model at once; beyond, 503 with Retry-After
+    request_timeout_s = 10                        # a request's headers and body must arrive within this
+    instances = 1                                 # interpreters of the model, one thread each (cores in use)
+    max_batch = 0                                 # dynamic batching: merge concurrent requests up to this many rows
+    max_delay_ms = 1.0                            # ... waiting at most this long for more (0 rows: off)
+    cache_bytes = 0                               # response cache bound (0: off; inputs may be private)
+
     [feedback]                                    # ground truth for earlier requests (off: inputs can be private)
     enabled = false                               # true: responses carry an id; POST .../feedback labels it
     sample = 1.0                                  # share of requests kept waiting for a label
@@ -59,7 +75,9 @@ from edgeml.core.errors import InputError, UsageError
 from edgeml.core.mqtt_contract import ID_RE
 
 LEVELS = ("debug", "info", "warning", "error")
-PATH_KEYS = ("artifact", "public_key", "data_dir", "password_file", "ca_file", "cert_file", "key_file")
+LOOPBACK = ("127.0.0.1", "::1", "localhost")
+PATH_KEYS = ("artifact", "public_key", "data_dir", "password_file", "ca_file", "cert_file", "key_file", "token_file",
+             "tls_cert_file", "tls_key_file", "tls_client_ca_file")
 
 
 @dataclass
@@ -97,6 +115,19 @@ class AgentConfig:
     feedback_sample: float = 1.0
     feedback_pending: int = 1000
     feedback_max_bytes: int = 16 << 20
+    token_file: Optional[Path] = None
+    open_health: bool = False
+    tls_cert_file: Optional[Path] = None
+    tls_key_file: Optional[Path] = None
+    tls_client_ca_file: Optional[Path] = None
+    backlog: int = 128
+    max_connections: int = 128
+    workers: int = 8
+    request_timeout_s: float = 10.0
+    instances: int = 1
+    max_batch: int = 0
+    max_delay_ms: float = 1.0
+    cache_bytes: int = 0
     source: Optional[Path] = field(default=None, compare=False)  # the TOML file, for SIGHUP
 
     @property
@@ -127,6 +158,9 @@ SECTIONS = {
     "monitoring": ("drift", "drift_window_s", "drift_windows", "drift_min_samples", "js_threshold", "psi_threshold",
                    "confidence_drop", "clear_ratio"),
     "feedback": ("enabled", "sample", "pending", "max_bytes"),
+    "server": ("token_file", "open_health", "tls_cert_file", "tls_key_file", "tls_client_ca_file", "backlog",
+               "max_connections", "workers", "request_timeout_s", "instances", "max_batch", "max_delay_ms",
+               "cache_bytes"),
 }
 # keys of a section that mean another config key (the section names them plainly)
 SECTION_KEYS = {("feedback", "enabled"): "feedback", ("feedback", "sample"): "feedback_sample",
@@ -168,6 +202,18 @@ def check(c: AgentConfig) -> None:
             raise UsageError(f"broker {c.broker!r} must be mqtt://HOST[:PORT] or mqtts://HOST[:PORT]")
     if (c.cert_file is None) != (c.key_file is None):
         raise UsageError("mutual TLS needs both cert_file and key_file")
+    if (c.tls_cert_file is None) != (c.tls_key_file is None):
+        raise UsageError("HTTPS needs both tls_cert_file and tls_key_file")
+    if c.tls_client_ca_file is not None and c.tls_cert_file is None:
+        raise UsageError("tls_client_ca_file (mutual TLS) needs tls_cert_file and tls_key_file")
+    address = c.api_address
+    if address is not None and address[0] not in LOOPBACK and c.token_file is None:
+        raise UsageError(f"api {c.api} listens beyond loopback: anyone on the network could use the model; set "
+                         "token_file (bearer tokens) in [server], or --api-token-file, or bind 127.0.0.1")
+    for key, low in (("backlog", 1), ("max_connections", 1), ("workers", 1), ("instances", 1), ("max_batch", 0),
+                     ("cache_bytes", 0)):
+        if int(getattr(c, key)) < low:
+            raise UsageError(f"{key} must be at least {low}, got {getattr(c, key)}")
     if c.log_level not in LEVELS:
         raise UsageError(f"log_level {c.log_level!r} must be one of {', '.join(LEVELS)}")
     for key, low in (("threads", 1), ("queue_max_bytes", 1 << 16), ("max_body_bytes", 1024), ("fetch_attempts", 1)):
@@ -183,21 +229,26 @@ def check(c: AgentConfig) -> None:
             raise UsageError(f"{key} must be at least {low}, got {getattr(c, key)}")
     if not 0 < float(c.clear_ratio) <= 1:
         raise UsageError(f"clear_ratio must be above 0 and at most 1, got {c.clear_ratio}")
+    if not float(c.max_delay_ms) >= 0:
+        raise UsageError(f"max_delay_ms must be 0 or more, got {c.max_delay_ms}")
     for key in ("stats_window_s", "system_interval_s", "ack_timeout_s", "fetch_timeout_s", "drift_window_s",
-                "js_threshold", "psi_threshold", "confidence_drop"):
+                "js_threshold", "psi_threshold", "confidence_drop", "request_timeout_s"):
         if not float(getattr(c, key)) > 0:
             raise UsageError(f"{key} must be above 0, got {getattr(c, key)}")
-    for key in ("artifact", "public_key", "password_file", "ca_file", "cert_file", "key_file"):
+    for key in ("artifact", "public_key", "password_file", "ca_file", "cert_file", "key_file", "token_file",
+                "tls_cert_file", "tls_key_file", "tls_client_ca_file"):
         value = getattr(c, key)
         if value is not None and not Path(value).is_file():
             raise InputError(f"{key} {value} does not exist or is not a file")
 
 
 INTS = ("threads", "queue_max_bytes", "max_body_bytes", "fetch_attempts", "drift_windows", "drift_min_samples",
-        "feedback_pending", "feedback_max_bytes")
+        "feedback_pending", "feedback_max_bytes", "backlog", "max_connections", "workers", "instances", "max_batch",
+        "cache_bytes")
 FLOATS = ("stats_window_s", "system_interval_s", "ack_timeout_s", "fetch_timeout_s", "drift_window_s",
-          "js_threshold", "psi_threshold", "confidence_drop", "clear_ratio", "feedback_sample")
-BOOLS = ("drift", "feedback")
+          "js_threshold", "psi_threshold", "confidence_drop", "clear_ratio", "feedback_sample", "request_timeout_s",
+          "max_delay_ms")
+BOOLS = ("drift", "feedback", "open_health")
 
 
 def _check_type(key: str, value) -> None:
@@ -226,7 +277,7 @@ def _read_toml(path: Path) -> Dict[str, object]:
     for key, value in doc.items():
         if isinstance(value, dict):
             if key not in SECTIONS or not key:
-                raise UsageError(f"config file {path}: unknown section [{key}]; use [mqtt], [telemetry], [updates], [monitoring] or [feedback]")
+                raise UsageError(f"config file {path}: unknown section [{key}]; use [mqtt], [telemetry], [updates], [monitoring], [server] or [feedback]")
             for sub, sub_value in value.items():
                 values[SECTION_KEYS.get((key, sub)) or _known(path, key, sub)] = sub_value
         else:

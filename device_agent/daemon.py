@@ -31,10 +31,11 @@ from .config import AgentConfig, load_config
 
 log = logging.getLogger("edgeml-agent")
 QUEUE_FILE = "telemetry.db"
-MODEL_KEYS = ("artifact", "public_key", "threads")
+MODEL_KEYS = ("artifact", "public_key", "threads", "instances", "max_batch", "max_delay_ms", "cache_bytes")
 LINK_KEYS = ("broker", "username", "password_file", "ca_file", "cert_file", "key_file", "fleet", "device_id",
              "ack_timeout_s", "fetch_timeout_s", "fetch_attempts")
-API_KEYS = ("api", "max_body_bytes")
+API_KEYS = ("api", "max_body_bytes", "token_file", "open_health", "tls_cert_file", "tls_key_file", "tls_client_ca_file",
+            "backlog", "max_connections", "workers", "request_timeout_s")
 
 
 class Agent:
@@ -138,7 +139,14 @@ class Agent:
         if _changed(old, new, API_KEYS):
             if self.api is not None:
                 self.api.stop()
-            self.api = self._api(new)
+            try:
+                self.api = self._api(new)
+            except Exception as exc:  # a bad certificate or token file: say so, serve as before
+                log.error("reload: the API settings were refused (%s); the API runs on the previous ones", exc)
+                self.config = replace(self.config, **{k: getattr(old, k) for k in API_KEYS})
+                self.api = self._api(old)
+        elif self.api is not None and self.api.tokens is not None:
+            self.api.tokens.reload()  # rotated tokens take effect without a restart
         if _changed(old, new, LINK_KEYS):
             if self.updates is not None:
                 self.updates.stop()
@@ -179,7 +187,7 @@ class Agent:
 
     @property
     def api_url(self) -> Optional[str]:
-        return None if self.api is None else f"http://{self.api.host}:{self.api.port}"
+        return None if self.api is None else f"{'https' if self.api.tls else 'http'}://{self.api.host}:{self.api.port}"
 
     def status(self) -> dict:
         return {
@@ -199,7 +207,9 @@ class Agent:
         """Verify (in a child), load, self-test and warm up an artifact; the service, or raise."""
         from .serving import ModelService
 
-        return ModelService.load(path, self.config.public_key, num_threads=self.config.threads)
+        c = self.config
+        return ModelService.load(path, c.public_key, num_threads=c.threads, instances=c.instances,
+                                 max_batch=c.max_batch, max_delay_ms=c.max_delay_ms, cache_bytes=c.cache_bytes)
 
     def swap(self, service) -> None:
         """Serve ``service`` from the next request on. The one in use finishes the requests it has;
@@ -259,7 +269,7 @@ class Agent:
 
         service = service or self.service
         return Recorder(self.queue, service.name, service.version, stats_window_s=c.stats_window_s,
-                        system_interval_s=c.system_interval_s, data_dir=c.data_dir)
+                        system_interval_s=c.system_interval_s, data_dir=c.data_dir, stats=service.telemetry_stats)
 
     def _sink(self):
         from .updates import Tee
@@ -328,13 +338,22 @@ class Agent:
             return None
         from .api.server import ApiServer
 
-        api = ApiServer(self.service, self.sink, host=address[0], port=address[1], max_body_bytes=c.max_body_bytes)
+        from .api.security import Tokens, server_context
+
+        tokens = Tokens(c.token_file) if c.token_file is not None else None
+        tls = server_context(c.tls_cert_file, c.tls_key_file, c.tls_client_ca_file) if c.tls_cert_file else None
+        api = ApiServer(self.service, self.sink, host=address[0], port=address[1], max_body_bytes=c.max_body_bytes,
+                        tokens=tokens, open_health=c.open_health, tls=tls, backlog=c.backlog,
+                        max_connections=c.max_connections, workers=c.workers, request_timeout=c.request_timeout_s)
         api.feedback = self.feedback
         # read at scrape time, so /metrics is never staler than the queue
         api.metrics.gauge_function("edgeml_telemetry_queue_records", "Telemetry records waiting for the broker",
                                    lambda: [({}, self.queue.stats()["records"])])
         api.metrics.gauge_function("edgeml_telemetry_dropped_total", "Telemetry records dropped (queue full)",
                                    lambda: [({}, self.queue.stats()["dropped_total"])])
+        from .api.serving_metrics import register_serving_metrics
+
+        register_serving_metrics(api.metrics, lambda: self.service)  # instances, batching, cache
         api.start()
         return api
 

@@ -4,6 +4,10 @@
 so a service that exists is one that may serve. ``ModelService.infer`` is the in-process API;
 ``LocalClient`` adds the telemetry an app embedding the agent gets for free over HTTP.
 
+For more than one request at a time (all off by default, set by ``load``): several interpreters
+of the model (``device_agent.instances``), dynamic batching of concurrent requests
+(``device_agent.batching``) and a response cache (``device_agent.cache``).
+
 Request rules (the same over HTTP, see ``device_agent.api``):
 
 * names: every model input exactly once, nothing else; requested outputs must exist.
@@ -33,6 +37,9 @@ from edgeml.core.runtime import load_runner
 from edgeml.core.selftest import run_selftest
 from edgeml.core.specs import TensorSpec
 
+from .batching import DynamicBatcher
+from .cache import ResponseCache, request_key
+from .instances import Instance, RunnerPool
 from .telemetry.sink import NullSink, TelemetrySink
 from .verifier import read_verified
 
@@ -77,33 +84,65 @@ class RequestError(Exception):
 
 class ModelService:
     """One loaded artifact. ``inputs``/``outputs`` are the tensors as callers see them (float for
-    quantized ones); ``ready`` turns true once the self-test and warm-up runs passed."""
+    quantized ones); ``ready`` turns true once the self-test and warm-up runs passed.
+
+    ``runner`` is one runner or a ``RunnerPool`` of several instances (``device_agent.instances``);
+    ``max_batch`` > 1 merges concurrent requests (``device_agent.batching``, only for models with
+    a free batch axis); ``cache_bytes`` > 0 answers repeated requests from a response cache
+    (``device_agent.cache``). ``load`` sets them from the agent's config; the defaults serve with
+    one interpreter, unbatched, uncached.
+    """
 
     def __init__(self, artifact, runner, inputs: List[TensorSpec], outputs: List[TensorSpec],
-                 max_input_bytes: int = MAX_INPUT_BYTES):
+                 max_input_bytes: int = MAX_INPUT_BYTES, *, max_batch: int = 0, max_delay_ms: float = 1.0,
+                 cache_bytes: int = 0):
         self.artifact = artifact
-        self._runner = runner
-        self._lock = threading.Lock()  # LiteRT interpreters are not thread-safe; one run at a time
+        # LiteRT interpreters are not thread-safe: each instance runs one request at a time
+        self.pool = runner if isinstance(runner, RunnerPool) else RunnerPool([Instance(0, runner)])
         self.inputs = inputs
         self.outputs = outputs
         self.max_input_bytes = max_input_bytes
         self.ready = False
         self.selftest = None
         self._local = threading.local()  # each request thread's last model run time
+        self.batcher = None
+        if max_batch > 1:
+            if batch_free(artifact, inputs, outputs):
+                self.batcher = DynamicBatcher(self.pool, self._refusal, max_batch, max_delay_ms)
+            else:
+                log.info("%s: dynamic batching does not apply, the model has no free batch axis; "
+                         "requests run one by one", artifact.manifest.get("name", "the model"))
+        self.cache = ResponseCache(cache_bytes) if cache_bytes > 0 else None
 
     @classmethod
     def load(cls, artifact_path, public_key, num_threads: int = 1, max_input_bytes: int = MAX_INPUT_BYTES,
-             verify=read_verified) -> "ModelService":
+             verify=read_verified, *, instances: int = 1, max_batch: int = 0, max_delay_ms: float = 1.0,
+             cache_bytes: int = 0) -> "ModelService":
         """Verify, load and warm up; raise VerificationError (or the loader's error) otherwise.
         ``verify(path, public_key)`` returns the verified artifact: by default checked in a child
-        process (cryptography stays out of the daemon); a simulator of many devices passes its own."""
+        process (cryptography stays out of the daemon); a simulator of many devices passes its own.
+
+        ``instances`` runners are created one after the other, each self-tested and warmed up and
+        its memory measured; ``max_batch``/``max_delay_ms`` turn on dynamic batching,
+        ``cache_bytes`` the response cache (see the class)."""
+        if instances < 1:
+            raise ValueError(f"instances must be at least 1, got {instances}")
         artifact = verify(artifact_path, public_key)
-        runner = load_runner(artifact.model, artifact.model_format, num_threads=num_threads)
+        selftests = []
+
+        def make(index: int):
+            runner = load_runner(artifact.model, artifact.model_format, num_threads=num_threads)
+            selftests.append(_warm_up(artifact, runner))
+            return runner
+
+        pool = RunnerPool.build(make, instances)
         batched = artifact.model_format == "tflite" and not _whole_samples(artifact)
-        inputs = [_served(s, batched) for s in runner.inputs]
-        outputs = [_served(s, batched) for s in runner.outputs]
-        service = cls(artifact, runner, inputs, outputs, max_input_bytes)
-        service._warm_up()
+        inputs = [_served(s, batched) for s in pool.first.inputs]
+        outputs = [_served(s, batched) for s in pool.first.outputs]
+        service = cls(artifact, pool, inputs, outputs, max_input_bytes, max_batch=max_batch,
+                      max_delay_ms=max_delay_ms, cache_bytes=cache_bytes)
+        service.selftest = selftests[0]
+        service.ready = True
         return service
 
     @property
@@ -128,35 +167,55 @@ class ModelService:
 
     def last_run_ms(self) -> Optional[float]:
         """Milliseconds the model itself took for this thread's last request (without validation,
-        HTTP or waiting for the model's lock): what tells one model's speed from another's."""
+        HTTP or waiting for a free instance): what tells one model's speed from another's. A
+        request run in a merged batch reports the batch's run; one answered from the cache, the
+        run that computed the cached answer."""
         return getattr(self._local, "run_ms", None)
 
     def infer(self, inputs: Dict[str, np.ndarray], outputs: Optional[List[str]] = None) -> Dict[str, np.ndarray]:
         """Validate ``inputs``, run the model, return the requested outputs (all when None)."""
         feed = self._validate(inputs)
         names = self._output_names(outputs)
+        key = request_key(self.sha256, names, feed) if self.cache is not None else None
+        if key is not None:
+            hit = self.cache.get(key)
+            if hit is not None:
+                answer, self._local.run_ms = hit
+                return answer
+        result, self._local.run_ms = self.batcher.infer(feed) if self.batcher is not None else self.run_alone(feed)
+        answer = {name: result[name] for name in names}
+        if key is not None:
+            self.cache.put(key, answer, self._local.run_ms)
+        return answer
+
+    def run_alone(self, feed: Dict[str, np.ndarray]):
+        """Run validated inputs by themselves on a free instance (no batch, no cache): the outputs
+        and the model's milliseconds; RequestError (422) when the model cannot run on them."""
         try:
-            with self._lock:
-                started = time.perf_counter()
-                result = self._runner.run(feed)
-                self._local.run_ms = (time.perf_counter() - started) * 1000.0
+            return self.pool.run(feed)
         except Exception as exc:  # LiteRT and ONNX Runtime raise their own untyped errors
-            # the model passed its self-test when loaded, so what fails now is these inputs' values
-            # or shapes; the runtime's own text (node names, source paths) stays in the device's log
-            log.warning("%s v%s refused a request: %s", self.name, self.version, first_line(exc, 500))
-            raise RequestError(RUNTIME_REFUSAL, runtime_refusal(str(exc), feed)) from exc
-        return {name: result[name] for name in names}
+            raise self._refusal(exc, feed) from exc
 
-    # -- loading ----------------------------------------------------------------------------------
+    def serving_stats(self) -> dict:
+        """What the instances, the batcher and the cache did since this model was loaded (/metrics)."""
+        stats = self.pool.stats()
+        stats.update(self.batcher.stats() if self.batcher is not None
+                     else {"batches": 0, "batch_requests": 0, "batch_rows": 0})
+        stats["cache"] = self.cache.stats() if self.cache is not None else None
+        return stats
 
-    def _warm_up(self) -> None:
-        st = run_selftest(self.artifact, self._runner).require_ok("do not serve this model on this device",
-                                                                   where=str(self.artifact.path))
-        sample = Dataset(self.artifact.selftest_inputs, whole=_whole_samples(self.artifact)).feed(0)
-        for _ in range(WARMUP_RUNS):
-            self._runner.run(sample)
-        self.selftest = st
-        self.ready = True
+    def telemetry_stats(self) -> dict:
+        """Fields for the ``system`` telemetry record: the cache's hits and misses, when it is on."""
+        if self.cache is None:
+            return {}
+        c = self.cache.stats()
+        return {"cache_hits": c["cache_hits"], "cache_misses": c["cache_misses"]}
+
+    def _refusal(self, exc: Exception, feed: Dict[str, np.ndarray]) -> "RequestError":
+        # the model passed its self-test when loaded, so what fails now is these inputs' values
+        # or shapes; the runtime's own text (node names, source paths) stays in the device's log
+        log.warning("%s v%s refused a request: %s", self.name, self.version, first_line(exc, 500))
+        return RequestError(RUNTIME_REFUSAL, runtime_refusal(str(exc), feed))
 
     # -- validation -------------------------------------------------------------------------------
 
@@ -233,6 +292,22 @@ def _checked(x: np.ndarray, spec: TensorSpec) -> np.ndarray:
         raise RequestError(400, f"input '{spec.name}' holds NaN or infinity in {bad} of {x.size} values; the model "
                                 "cannot take them (they spread to every output, or quantize to arbitrary values)")
     return x
+
+
+def _warm_up(artifact, runner):
+    """Self-test one runner (raise if it fails), then run it WARMUP_RUNS times; the self-test's result."""
+    st = run_selftest(artifact, runner).require_ok("do not serve this model on this device", where=str(artifact.path))
+    sample = Dataset(artifact.selftest_inputs, whole=_whole_samples(artifact)).feed(0)
+    for _ in range(WARMUP_RUNS):
+        runner.run(sample)
+    return st
+
+
+def batch_free(artifact, inputs: List[TensorSpec], outputs: List[TensorSpec]) -> bool:
+    """True when requests may be merged along axis 0: every input and output has a free first
+    dim, and it is a batch axis (not the free length of a whole-sample model's input)."""
+    return (not _whole_samples(artifact) and bool(inputs)
+            and all(s.shape and s.shape[0] is None for s in list(inputs) + list(outputs)))
 
 
 def _served(spec: TensorSpec, batch_free: bool) -> TensorSpec:

@@ -19,7 +19,7 @@ class AgentProcess:
     def __init__(self, artifact: Path, public_key: Path, data_dir: Path, *, device: str = "dev1",
                  fleet: Optional[str] = "f1",
                  broker: Optional[str] = None, config: Optional[Path] = None, extra: List[str] = (),
-                 env: Optional[dict] = None):
+                 env: Optional[dict] = None, token: Optional[str] = None, tls_context=None):
         self.port = free_port()
         self.data_dir = Path(data_dir)
         self.log_path = self.data_dir.parent / f"{device}-agent.log"
@@ -33,6 +33,7 @@ class AgentProcess:
         if config:
             self.args += ["--config", str(config)]
         self.env = env
+        self.token, self.tls_context = token, tls_context  # what this client sends: a bearer token, over HTTPS
         self.process: Optional[subprocess.Popen] = None
         # one connection per thread: a Poller's requests and start()'s readiness probes run at the
         # same time, and one HTTPConnection shared by two threads hands one the other's response
@@ -59,8 +60,14 @@ class AgentProcess:
             try:
                 conn = getattr(self._local, "conn", None)
                 if conn is None:
-                    conn = self._local.conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=10)
-                conn.request(method, path, body=body, headers={"Content-Type": "application/json"})
+                    conn = self._local.conn = (
+                        http.client.HTTPSConnection("127.0.0.1", self.port, timeout=10, context=self.tls_context)
+                        if self.tls_context is not None else http.client.HTTPConnection("127.0.0.1", self.port,
+                                                                                         timeout=10))
+                headers = {"Content-Type": "application/json"}
+                if self.token:
+                    headers["Authorization"] = f"Bearer {self.token}"
+                conn.request(method, path, body=body, headers=headers)
                 response = conn.getresponse()
                 return response.status, response.read()
             except (ConnectionError, http.client.HTTPException, OSError):

@@ -78,6 +78,13 @@ class GaugeFunction(_Metric):
         return [(self.name, _labels(labels), float(value)) for labels, value in self.fn()]
 
 
+class CounterFunction(GaugeFunction):
+    """A counter read when the registry is rendered (``fn`` as for ``GaugeFunction``): for counts
+    kept by the code that counts them, such as the serving model's instances and cache."""
+
+    kind = "counter"
+
+
 class Histogram(_Metric):
     kind = "histogram"
 
@@ -132,6 +139,12 @@ class Registry:
     def gauge_function(self, name: str, help: str, fn: Callable[[], Iterable[Sample]]) -> GaugeFunction:
         """Registering the name again replaces ``fn``: the registry may outlive what fn reads."""
         metric = self._get(GaugeFunction, name, help, fn)
+        metric.fn = fn
+        return metric
+
+    def counter_function(self, name: str, help: str, fn: Callable[[], Iterable[Sample]]) -> CounterFunction:
+        """As ``gauge_function``, for a value that only goes up (``fn`` must keep it so)."""
+        metric = self._get(CounterFunction, name, help, fn)
         metric.fn = fn
         return metric
 

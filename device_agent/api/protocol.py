@@ -72,10 +72,17 @@ def split_body(body: bytes, header_length: Optional[str]) -> Tuple[dict, bytes]:
         request = json.loads(json_part)
     except (UnicodeDecodeError, ValueError) as exc:
         raise RequestError(400, f"the request is not JSON: {exc}") from None
+    except RecursionError:
+        raise RequestError(400, "the request's JSON is nested too deeply") from None
     if not isinstance(request, dict) or not isinstance(request.get("inputs"), list):
         raise RequestError(400, 'the request must be a JSON object with an "inputs" list')
     if not isinstance(request.get("parameters", {}), dict):
         raise RequestError(400, '"parameters" must be an object')
+    if "id" in request and not isinstance(request["id"], str):
+        raise RequestError(400, '"id" must be a string (the Open Inference Protocol\'s request id)')
+    flag = request.get("parameters", {}).get("binary_data_output")
+    if flag is not None and not isinstance(flag, bool):
+        raise RequestError(400, 'parameters.binary_data_output must be true or false')
     return request, binary
 
 
@@ -125,7 +132,7 @@ def _from_json(data, dtype: np.dtype, name: str, shape: List[int], count: int) -
     """Flat or nested JSON numbers -> an array of ``dtype``, refusing values it cannot hold."""
     try:
         raw = np.asarray(data)
-    except (ValueError, TypeError):
+    except (ValueError, TypeError, RecursionError):
         raise RequestError(400, f"input '{name}': data must be a (nested) list of numbers") from None
     if raw.size != count:
         raise RequestError(400, f"input '{name}' has {raw.size} values; shape {shape} takes {count}")
@@ -160,6 +167,8 @@ def requested_outputs(request: dict) -> Optional[Dict[str, Optional[bool]]]:
         _refuse_unsupported(params, f"output '{item['name']}'")
         if item["name"] in wanted:
             raise RequestError(400, f"output '{item['name']}' is requested twice")
+        if params.get("binary_data") is not None and not isinstance(params["binary_data"], bool):
+            raise RequestError(400, f"output '{item['name']}': parameters.binary_data must be true or false")
         wanted[item["name"]] = params.get("binary_data")
     return wanted
 

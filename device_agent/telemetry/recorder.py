@@ -13,7 +13,7 @@ import sqlite3
 import threading
 import time
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 
@@ -119,11 +119,14 @@ class Moments:
 class Recorder:
     """The ``TelemetrySink`` of the serving side: inference/error records per request,
     ``input_stats`` per model every ``stats_window_s``, ``system`` every ``system_interval_s``
-    (its disk figure is for ``data_dir``, by default the queue's folder)."""
+    (its disk figure is for ``data_dir``, by default the queue's folder). ``stats()``, when given,
+    adds fields to every ``system`` record: the serving model's ``telemetry_stats`` (its response
+    cache's hits and misses); a provider that fails costs its fields, not the record."""
 
     def __init__(self, queue: TelemetryQueue, model_name: str, version: int,
                  stats_window_s: float = 60.0, system_interval_s: float = 30.0, flush_interval_s: float = 0.1,
-                 flush_records: int = 1000, data_dir=None, durable: bool = True):
+                 flush_records: int = 1000, data_dir=None, durable: bool = True,
+                 stats: Optional[Callable[[], dict]] = None):
         # durable: a request's record is committed before its response goes out, so a SIGKILL
         # never loses a request a client saw served (about 20 us each); False buffers up to
         # flush_interval_s in memory, for throughput where losing that window is acceptable.
@@ -133,6 +136,7 @@ class Recorder:
         self.model_name, self.version = model_name, version
         self.stats_window_s, self.system_interval_s = stats_window_s, system_interval_s
         self.flush_interval_s, self.flush_records = flush_interval_s, flush_records
+        self.stats = stats
         self._lock = threading.Lock()
         self._pending: List[dict] = []
         self._window: Dict[Tuple[str, int], Dict[str, Moments]] = {}
@@ -197,10 +201,18 @@ class Recorder:
 
     def _system_record(self) -> dict:
         q = self.queue.stats()
-        return {"kind": "system", "ts": time.time(), "model": self.model_name, "version": self.version,
-                "rss_bytes": sysstats.rss_bytes(), "cpu_percent": self._cpu.percent(),
-                "disk_free_bytes": sysstats.disk_free_bytes(self.data_dir),
-                "queue_records": q["records"], "queue_bytes": q["bytes"], "dropped_total": q["dropped_total"]}
+        record = {"kind": "system", "ts": time.time(), "model": self.model_name, "version": self.version,
+                  "rss_bytes": sysstats.rss_bytes(), "cpu_percent": self._cpu.percent(),
+                  "disk_free_bytes": sysstats.disk_free_bytes(self.data_dir),
+                  "queue_records": q["records"], "queue_bytes": q["bytes"], "dropped_total": q["dropped_total"]}
+        if self.stats is not None:
+            try:
+                extra = self.stats()
+            except Exception:  # telemetry must never stop serving
+                log.exception("telemetry: the stats provider failed")
+            else:
+                record.update({k: v for k, v in extra.items() if k not in record})
+        return record
 
     def _flush(self) -> None:
         with self._lock:

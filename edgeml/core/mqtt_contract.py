@@ -24,7 +24,9 @@ Every record has ``seq`` (per device, from 1, strictly increasing, never reused,
     inference    model, version, latency_ms, outputs {name: {"top1", "score"} | {"mean", "min", "max"}}
     error        model (or null), status (the HTTP status), error (message), latency_ms
     input_stats  model, version, window_s, count, inputs {name: {"mean", "std", "min", "max"}} per feature
-    system       rss_bytes, cpu_percent, disk_free_bytes, queue_records, queue_bytes, dropped_total
+    system       rss_bytes, cpu_percent, disk_free_bytes, queue_records, queue_bytes, dropped_total;
+                 with the response cache on, also cache_hits and cache_misses (counts since the model
+                 started serving)
     dropped      count, first_seq, last_seq: records the bounded queue dropped (oldest first) while offline
     baseline     model, version, sha256, baseline {"inputs": {name: {"axis", "bins"}}, "outputs"}: the
                  artifact's histograms, sent when a model starts serving, so the host judges windows with them

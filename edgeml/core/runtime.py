@@ -33,7 +33,8 @@ def _litert_interpreter_class():
 def quantize(x: np.ndarray, spec: TensorSpec) -> np.ndarray:
     """Float array -> the integer dtype of a quantized tensor (round, clip)."""
     info = np.iinfo(spec.dtype)
-    q = np.round(np.asarray(x, np.float32) / spec.scale) + spec.zero_point
+    with np.errstate(over="ignore"):  # values far out of range become inf, and clip to the extremes
+        q = np.round(np.asarray(x, np.float32) / spec.scale) + spec.zero_point
     return np.clip(q, info.min, info.max).astype(spec.dtype)
 
 
