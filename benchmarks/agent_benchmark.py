@@ -11,6 +11,11 @@ storing into SQLite and PostgreSQL (127.0.0.1:5432, database ``test``, a throwaw
   start         from exec to the first answered request (target <= 1 s), median of 5
   telemetry     records/s from the durable queue into Mosquitto (QoS 1, acked), 100,000 records
   collector     records/s the collector stores, from a broker queue of 100,000 records
+  serving       throughput and p50/p99 at 1, 4 and 16 concurrent clients (each its own process,
+                kept-alive connections, binary tensors) on the digits model and on MobileNetV2
+                224x224 int8 (Keras' architecture, weights=None): one instance, two instances,
+                dynamic batching (max_batch 8, 2 ms); the cost of the token check and of TLS
+                (one client); the latency of a cache hit
 
 Run: .venv/bin/python benchmarks/agent_benchmark.py   (writes benchmarks/results/agent.{md,json})
 """
@@ -231,6 +236,177 @@ def drop_schema(schema: str) -> None:
         conn.execute(f"DROP SCHEMA IF EXISTS {schema} CASCADE")
 
 
+# --- serving under concurrency ------------------------------------------------------------------
+
+SERVING_CONFIGS = {"1 instance": [], "2 instances": ["--instances", "2"],
+                   "batching (8 rows, 2 ms)": ["--max-batch", "8", "--max-delay-ms", "2"]}
+CLIENTS = (1, 4, 16)
+SECONDS = 5.0
+
+
+def build_mobilenet(work: Path, key: Path) -> Path:
+    """MobileNetV2 224x224 (Keras' architecture, weights=None) as a signed int8 .tflite artifact,
+    calibrated on crops of scikit-learn's sample photos."""
+    import keras
+    from sklearn.datasets import load_sample_images
+
+    import edgeml
+
+    keras.utils.set_random_seed(0)
+    model = keras.applications.MobileNetV2(input_tensor=keras.Input((224, 224, 3), name="image"), weights=None,
+                                           classes=1000)
+    model.save(work / "mobilenet_v2.keras")
+    rng = np.random.default_rng(0)
+    photos = [img.astype(np.float32) / 127.5 - 1.0 for img in load_sample_images().images]
+    crops = []
+    for _ in range(32):
+        img = photos[rng.integers(len(photos))]
+        y, x = rng.integers(0, img.shape[0] - 224), rng.integers(0, img.shape[1] - 224)
+        crops.append(img[y:y + 224, x:x + 224])
+    np.savez(work / "mobilenet-calib.npz", image=np.stack(crops))
+    out = work / "mobilenet.edgeml"
+    edgeml.optimize(edgeml.OptimizeConfig(model=work / "mobilenet_v2.keras", output=out, key=key,
+                                          calibration=str(work / "mobilenet-calib.npz"), recipe="int8",
+                                          name="mobilenet", plot=False))
+    return out
+
+
+def binary_request(model: str, x: np.ndarray, output: str) -> tuple:
+    """A KServe v2 request with its tensor in binary (the extension tritonclient uses): body, headers."""
+    data = np.ascontiguousarray(x, np.float32).tobytes()
+    head = json.dumps({"inputs": [{"name": "image", "shape": list(x.shape), "datatype": "FP32",
+                                   "parameters": {"binary_data_size": len(data)}}],
+                       "outputs": [{"name": output, "parameters": {"binary_data": True}}]}).encode()
+    return head + data, {"Inference-Header-Content-Length": str(len(head)), "Content-Type": "application/octet-stream"}
+
+
+def _client(port, path, body, headers, start_at, seconds, ca, queue) -> None:
+    """One client process: kept-alive requests from ``start_at`` for ``seconds``; its latencies."""
+    import http.client
+    import ssl
+
+    def connect():
+        if ca:
+            return http.client.HTTPSConnection("127.0.0.1", port, timeout=30,
+                                               context=ssl.create_default_context(cafile=ca))
+        return http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+
+    conn, latencies, errors = connect(), [], 0
+    while time.time() < start_at:
+        time.sleep(0.001)
+    end = time.perf_counter() + seconds
+    while True:
+        t = time.perf_counter()
+        if t >= end:
+            break
+        try:
+            conn.request("POST", path, body, headers)
+            response = conn.getresponse()
+            response.read()
+            ok = response.status == 200
+        except OSError:
+            ok, conn = False, connect()
+        if ok:
+            latencies.append(time.perf_counter() - t)
+        else:
+            errors += 1
+    queue.put((latencies, errors))
+
+
+def load(port: int, model: str, body: bytes, headers: dict, clients: int, seconds: float = SECONDS,
+         ca: str = None) -> dict:
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("spawn")  # TensorFlow is loaded here: no fork
+    queue = ctx.Queue()
+    start_at = time.time() + 2.0 + 0.2 * clients
+    procs = [ctx.Process(target=_client, args=(port, f"/v2/models/{model}/infer", body, headers, start_at, seconds,
+                                               ca, queue)) for _ in range(clients)]
+    for p in procs:
+        p.start()
+    results = [queue.get(timeout=120) for _ in procs]
+    for p in procs:
+        p.join(30)
+    latencies = [x * 1000 for lat, _ in results for x in lat]
+    errors = sum(e for _, e in results)
+    return {"clients": clients, "requests": len(latencies), "errors": errors,
+            "throughput_rps": len(latencies) / seconds, **percentiles(latencies)}
+
+
+def serving(models: dict, pub: Path, work: Path) -> dict:
+    """Each model under each config at 1, 4 and 16 clients."""
+    out = {}
+    for model, (artifact, x) in models.items():
+        for label, flags in SERVING_CONFIGS.items():
+            proc = AgentProcess(artifact, pub, work / f"serve-{model}-{len(out)}", device="bench", fleet=None,
+                                extra=[*flags, "--workers", "32"]).start(timeout=120)
+            output = json.loads(proc.get(f"/v2/models/{model}")[1])["outputs"][0]["name"]
+            body, headers = binary_request(model, x[:1], output)
+            for clients in CLIENTS:
+                print(f"  {model}, {label}, {clients} clients ...", file=sys.stderr, flush=True)
+                out[f"{model} | {label} | {clients}"] = load(proc.port, model, body, headers, clients)
+            status = Path(f"/proc/{proc.process.pid}/status").read_text()
+            out[f"{model} | {label} | rss_mib"] = int(next(line for line in status.splitlines()
+                                                            if line.startswith("VmRSS")).split()[1]) / 1024
+            proc.terminate()
+    return out
+
+
+def security_and_cache(artifact: Path, pub: Path, x: np.ndarray, work: Path) -> dict:
+    """One client on the digits model: plain, with a token, with TLS and a token; a cache hit."""
+    from tls_certs import make_certs
+
+    certs = make_certs(work / "certs")
+    token_file = work / "tokens"
+    token_file.write_text("0123456789abcdef0123456789abcdef\n")
+    auth = {"Authorization": "Bearer 0123456789abcdef0123456789abcdef"}
+    cases = {"plain HTTP": ([], {}, None), "bearer token": (["--api-token-file", str(token_file)], auth, None),
+             "TLS + bearer token": (["--api-token-file", str(token_file), "--tls-cert-file", str(certs["server"][0]),
+                                     "--tls-key-file", str(certs["server"][1])], auth, str(certs["ca"])),
+             "cache on, every request a hit": (["--cache-bytes", "1000000"], {}, None)}
+    out = {}
+    import ssl
+
+    for label, (flags, extra_headers, ca) in cases.items():
+        proc = AgentProcess(artifact, pub, work / f"sec-{len(out)}", device="bench", fleet=None, extra=flags,
+                            token=extra_headers.get("Authorization", " ").split(" ")[1] or None,
+                            tls_context=ssl.create_default_context(cafile=ca) if ca else None).start()
+        output = json.loads(proc.get("/v2/models/digits")[1])["outputs"][0]["name"]
+        body, headers = binary_request("digits", x[:1], output)
+        out[label] = load(proc.port, "digits", body, {**headers, **extra_headers}, 1, ca=ca)
+        proc.terminate()
+    return out
+
+
+def serving_lines(r: dict) -> list:
+    lines = []
+    if "serving" in r:
+        sv = r["serving"]
+        lines += ["", f"## Serving under concurrency ({SECONDS:.0f} s per point, each client its own process, "
+                  "kept-alive connections, binary tensors, one sample per request, `--workers 32`)", "",
+                  "| model | config | clients | requests/s | p50 ms | p99 ms | errors |", "|---|---|---:|---:|---:|---:|---:|"]
+        for key, v in sv.items():
+            if key.endswith("rss_mib"):
+                continue
+            model, label, clients = key.split(" | ")
+            lines.append(f"| {model} | {label} | {clients} | {v['throughput_rps']:,.0f} | {v['p50_ms']:.3f} | "
+                         f"{v['p99_ms']:.3f} | {v['errors']} |")
+        lines += ["", "| model | config | agent RSS after its runs |", "|---|---|---:|"]
+        lines += [f"| {k.split(' | ')[0]} | {k.split(' | ')[1]} | {v:.1f} MiB |" for k, v in sv.items()
+                  if k.endswith("rss_mib")]
+        one = sv.get("mobilenet | 1 instance | 16")
+        two = sv.get("mobilenet | 2 instances | 16")
+        if one and two:
+            lines.append(f"\nMobileNetV2 at 16 clients: 2 instances give {two['throughput_rps'] / one['throughput_rps']:.2f}x "
+                         "the throughput of one (target >= 1.7x on this 2-core machine).")
+    if "security" in r:
+        lines += ["", "## One client on the digits model: the token check, TLS, a cache hit", "",
+                  "| case | p50 ms | p99 ms | requests/s |", "|---|---:|---:|---:|"]
+        lines += [f"| {k} | {v['p50_ms']:.3f} | {v['p99_ms']:.3f} | {v['throughput_rps']:,.0f} |"
+                  for k, v in r["security"].items()]
+    return lines
+
+
 def report(r: dict) -> str:
     o = r["overhead"]
     base = o["interpreter"]["p50_ms"]
@@ -248,7 +424,14 @@ def report(r: dict) -> str:
               f"| collector ingest into SQLite | {r['collector_sqlite']['records_per_s']:,.0f} records/s | |"]
     if "collector_postgres" in r:
         lines.append(f"| collector ingest into PostgreSQL | {r['collector_postgres']['records_per_s']:,.0f} records/s | |")
+    lines += serving_lines(r)
     return "\n".join(lines)
+
+
+def report_serving(r: dict) -> str:
+    return "\n".join([f"# Serving benchmark\n\nRun {r['stamp']} UTC with `.venv/bin/python benchmarks/agent_benchmark.py "
+                      "--only serving` on this machine (2 cores, AMD EPYC); LiteRT, 1 thread per instance.",
+                      *serving_lines(r)])
 
 
 def main() -> None:
@@ -256,7 +439,24 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=2000)
     parser.add_argument("--records", type=int, default=100_000)
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
+    parser.add_argument("--only", choices=("serving",), help="only the serving part (results/serving.{md,json})")
     args = parser.parse_args()
+    if args.only == "serving":
+        work = Path(tempfile.mkdtemp(prefix="edgeml-serving-bench-"))
+        artifact, pub, x = build_artifact(work)
+        print("MobileNetV2 ...", file=sys.stderr, flush=True)
+        mobilenet = build_mobilenet(work, work / "keys" / "signing.key")
+        rng = np.random.default_rng(0)
+        results = {"stamp": time.strftime("%Y-%m-%d %H:%M", time.gmtime()),
+                   "serving": serving({"digits": (artifact, x), "mobilenet": (
+                       mobilenet, rng.uniform(-1, 1, (1, 224, 224, 3)).astype(np.float32))}, pub, work),
+                   "security": security_and_cache(artifact, pub, x, work)}
+        text = report_serving(results)
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "serving.md").write_text(text + "\n")
+        (args.out / "serving.json").write_text(json.dumps(results, indent=2) + "\n")
+        print(text)
+        return
     work = Path(tempfile.mkdtemp(prefix="edgeml-agent-bench-"))
     artifact, pub, x = build_artifact(work)
     broker = Mosquitto(work / "broker").start()
