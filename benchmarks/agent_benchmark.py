@@ -263,11 +263,13 @@ def build_mobilenet(work: Path, key: Path) -> Path:
         img = photos[rng.integers(len(photos))]
         y, x = rng.integers(0, img.shape[0] - 224), rng.integers(0, img.shape[1] - 224)
         crops.append(img[y:y + 224, x:x + 224])
-    np.savez(work / "mobilenet-calib.npz", image=np.stack(crops))
+    np.savez(work / "mobilenet-calib.npz", image=np.stack(crops[:24]))
+    np.savez(work / "mobilenet-eval.npz", image=np.stack(crops[24:]))
     out = work / "mobilenet.edgeml"
     edgeml.optimize(edgeml.OptimizeConfig(model=work / "mobilenet_v2.keras", output=out, key=key,
-                                          calibration=str(work / "mobilenet-calib.npz"), recipe="int8",
-                                          name="mobilenet", plot=False))
+                                          calibration=str(work / "mobilenet-calib.npz"),
+                                          eval=str(work / "mobilenet-eval.npz"), recipe="int8", name="mobilenet",
+                                          plot=False))
     return out
 
 

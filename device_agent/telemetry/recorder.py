@@ -52,6 +52,9 @@ def summarize_output(value) -> dict:
     return {"mean": float(v.mean()), "min": float(v.min()), "max": float(v.max())}
 
 
+MAX_VALUES = 4096  # values per channel and request the input statistics read
+
+
 class Moments:
     """Running count/mean/M2/min/max per channel (Chan's parallel update: no sum of squares,
     so no cancellation on large means). Non-finite values are left out."""
@@ -67,8 +70,10 @@ class Moments:
 
     @classmethod
     def of_batch(cls, x: np.ndarray) -> "Moments":
-        """Statistics of one request's batch, per channel as ``edgeml.core.stats.baseline_stats`` keeps them."""
-        x = np.asarray(x, dtype=np.float64)
+        """Statistics of one request's batch, per channel as ``edgeml.core.stats.baseline_stats`` keeps
+        them, over at most ``MAX_VALUES`` values per channel at an even stride (as the drift monitor
+        counts): on a 224x224x3 image the whole of it cost 4.5 ms a request, more than the model."""
+        x = np.asarray(x)
         if x.ndim == 0:
             x = x.reshape(1)
         axis = channel_axis(x.shape[1:])
@@ -76,6 +81,9 @@ class Moments:
             axis, cols = None, x.reshape(-1, 1)
         else:
             cols = np.moveaxis(x, 1 + axis, -1).reshape(-1, x.shape[1 + axis])
+        if len(cols) > MAX_VALUES:
+            cols = cols[::-(-len(cols) // MAX_VALUES)]
+        cols = cols.astype(np.float64)
         m = cls(axis, cols.shape[1])
         m.samples = len(x)
         if np.isfinite(cols).all():

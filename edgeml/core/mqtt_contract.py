@@ -24,6 +24,7 @@ Every record has ``seq`` (per device, from 1, strictly increasing, never reused,
     inference    model, version, latency_ms, outputs {name: {"top1", "score"} | {"mean", "min", "max"}}
     error        model (or null), status (the HTTP status), error (message), latency_ms
     input_stats  model, version, window_s, count, inputs {name: {"mean", "std", "min", "max"}} per feature
+                 (over at most 4,096 values per channel and request, at an even stride)
     system       rss_bytes, cpu_percent, disk_free_bytes, queue_records, queue_bytes, dropped_total;
                  with the response cache on, also cache_hits and cache_misses (counts since the model
                  started serving)
