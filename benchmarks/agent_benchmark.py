@@ -354,6 +354,44 @@ def serving(models: dict, pub: Path, work: Path) -> dict:
     return out
 
 
+def with_wrk(artifact: Path, pub: Path, model: str, x: np.ndarray, work: Path) -> dict:
+    """The same model, 1 and 2 instances, loaded by ``wrk`` (one C thread: the load generator
+    itself takes little of the two cores, unlike 16 Python client processes). {} without wrk."""
+    import re
+    import shutil
+    import subprocess
+
+    if shutil.which("wrk") is None:
+        print("wrk not installed (apt install wrk): its rows are left out", file=sys.stderr)
+        return {}
+    out = {}
+    for label in ("1 instance", "2 instances"):
+        flags = [] if label == "1 instance" else ["--instances", "2"]
+        proc = AgentProcess(artifact, pub, work / f"wrk-{model}-{len(out)}", device="bench", fleet=None,
+                            extra=[*flags, "--workers", "32"]).start(timeout=120)
+        output = json.loads(proc.get(f"/v2/models/{model}")[1])["outputs"][0]["name"]
+        body, headers = binary_request(model, x[:1], output)
+        (work / "wrk-body.bin").write_bytes(body)
+        script = work / "wrk.lua"
+        script.write_text(f'local f = io.open("{work / "wrk-body.bin"}", "rb")\nwrk.body = f:read("*all")\nf:close()\n'
+                          'wrk.method = "POST"\n'
+                          + "".join(f'wrk.headers["{k}"] = "{v}"\n' for k, v in headers.items()))
+        for clients in CLIENTS:
+            print(f"  {model}, {label}, {clients} wrk connections ...", file=sys.stderr, flush=True)
+            r = subprocess.run(["wrk", "-t", "1", "-c", str(clients), "-d", f"{SECONDS:.0f}s", "--latency", "-s",
+                                str(script), f"http://127.0.0.1:{proc.port}/v2/models/{model}/infer"],
+                               capture_output=True, text=True, timeout=120)
+            rps = float(re.search(r"Requests/sec:\s+([\d.]+)", r.stdout).group(1))
+            bad = re.search(r"Non-2xx or 3xx responses: (\d+)", r.stdout)
+            errors = re.search(r"Socket errors: (.*)", r.stdout)
+            out[f"{model} | {label} | {clients}"] = {
+                "throughput_rps": rps, "p50": re.search(r"^\s+50%\s+(\S+)", r.stdout, re.M).group(1),
+                "p99": re.search(r"^\s+99%\s+(\S+)", r.stdout, re.M).group(1),
+                "errors": int(bad.group(1)) if bad else 0, "socket_errors": errors.group(1) if errors else None}
+        proc.terminate()
+    return out
+
+
 def security_and_cache(artifact: Path, pub: Path, x: np.ndarray, work: Path) -> dict:
     """One client on the digits model: plain, with a token, with TLS and a token; a cache hit."""
     from tls_certs import make_certs
@@ -401,6 +439,18 @@ def serving_lines(r: dict) -> list:
         if one and two:
             lines.append(f"\nMobileNetV2 at 16 clients: 2 instances give {two['throughput_rps'] / one['throughput_rps']:.2f}x "
                          "the throughput of one (target >= 1.7x on this 2-core machine).")
+    if r.get("wrk"):
+        w = r["wrk"]
+        lines += ["", f"## MobileNetV2 loaded by `wrk` (one C thread, {SECONDS:.0f} s per point, same request)", "",
+                  "| config | connections | requests/s | p50 | p99 | errors |", "|---|---:|---:|---:|---:|---:|"]
+        for key, v in w.items():
+            _, label, clients = key.split(" | ")
+            lines.append(f"| {label} | {clients} | {v['throughput_rps']:,.0f} | {v['p50']} | {v['p99']} | "
+                         f"{v['errors']} |")
+        one, two = w.get("mobilenet | 1 instance | 16"), w.get("mobilenet | 2 instances | 16")
+        if one and two:
+            lines.append(f"\nWith `wrk` at 16 connections: 2 instances give "
+                         f"{two['throughput_rps'] / one['throughput_rps']:.2f}x the throughput of one.")
     if "security" in r:
         lines += ["", "## One client on the digits model: the token check, TLS, a cache hit", "",
                   "| case | p50 ms | p99 ms | requests/s |", "|---|---:|---:|---:|"]
@@ -449,9 +499,10 @@ def main() -> None:
         print("MobileNetV2 ...", file=sys.stderr, flush=True)
         mobilenet = build_mobilenet(work, work / "keys" / "signing.key")
         rng = np.random.default_rng(0)
+        image = rng.uniform(-1, 1, (1, 224, 224, 3)).astype(np.float32)
         results = {"stamp": time.strftime("%Y-%m-%d %H:%M", time.gmtime()),
-                   "serving": serving({"digits": (artifact, x), "mobilenet": (
-                       mobilenet, rng.uniform(-1, 1, (1, 224, 224, 3)).astype(np.float32))}, pub, work),
+                   "serving": serving({"digits": (artifact, x), "mobilenet": (mobilenet, image)}, pub, work),
+                   "wrk": with_wrk(mobilenet, pub, "mobilenet", image, work),
                    "security": security_and_cache(artifact, pub, x, work)}
         text = report_serving(results)
         args.out.mkdir(parents=True, exist_ok=True)
