@@ -18,7 +18,6 @@ from device_agent.cache import ResponseCache, request_key
 from device_agent.serving import ModelService, RequestError
 from device_agent.telemetry import Recorder, TelemetryQueue
 from edgeml.core.artifact import write_artifact
-from edgeml.core.runtime import load_runner
 
 WORKERS = ["--workers", "64"]  # the API's own bound on requests at once stays out of the way
 
@@ -185,29 +184,10 @@ def test_mixed_batch_sizes_split_back_exactly(digits_int8_artifact, pub, plain, 
 
 @pytest.fixture(scope="module")
 def encoder_artifact(digits_dir, tmp_path_factory):
-    """A tiny ONNX text encoder: input_ids [N, T] (vocabulary 50), attention_mask [N, T] -> [N, 4];
-    a token id beyond the vocabulary fails in the model (Gather), past validation."""
-    from onnx import TensorProto, helper, numpy_helper
+    from models import text_encoder_artifact
 
-    table = np.random.default_rng(0).standard_normal((50, 4)).astype(np.float32)
-    graph = helper.make_graph(
-        [helper.make_node("Gather", ["table", "input_ids"], ["emb"]),
-         helper.make_node("Unsqueeze", ["attention_mask", "axis2"], ["mask3"]),
-         helper.make_node("Mul", ["emb", "mask3"], ["masked"]),
-         helper.make_node("ReduceSum", ["masked", "axis1"], ["embedding"], keepdims=0)], "encoder",
-        [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["n", "t"]),
-         helper.make_tensor_value_info("attention_mask", TensorProto.FLOAT, ["n", "t"])],
-        [helper.make_tensor_value_info("embedding", TensorProto.FLOAT, ["n", 4])],
-        [numpy_helper.from_array(table, "table"), numpy_helper.from_array(np.array([2], np.int64), "axis2"),
-         numpy_helper.from_array(np.array([1], np.int64), "axis1")])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]).SerializeToString()
-    inputs = {"input_ids": np.random.default_rng(1).integers(0, 50, (4, 6)), "attention_mask": np.ones((4, 6), np.float32)}
-    outputs = load_runner(model, "onnx").run(inputs)
-    path = tmp_path_factory.mktemp("encoder") / "encoder.edgeml"
-    write_artifact(path, model=model, model_format="onnx", private_key=digits_dir / "keys" / "signing.key",
-                   baseline={}, manifest={"name": "encoder", "version": 1, "selftest": {"atol": 1e-5, "samples": 4}},
-                   selftest_inputs=inputs, selftest_outputs=outputs)
-    return path
+    return text_encoder_artifact(tmp_path_factory.mktemp("encoder") / "encoder.edgeml",
+                                 digits_dir / "keys" / "signing.key")
 
 
 def test_a_request_the_model_cannot_run_fails_alone_not_its_batch(encoder_artifact, pub):

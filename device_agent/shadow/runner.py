@@ -150,7 +150,7 @@ class ShadowRunner:
         w.update({k: counts.get(k, 0) for k in ("compared", "errors", "rows", "agreed", "cosine_n")})
         w.update(cosine_sum=counts.get("cosine_sum", 0.0), cosine_min=counts.get("cosine_min"),
                  active_ms=counts.get("active_ms", {}), shadow_ms=counts.get("shadow_ms", {}))
-        self._add_to_totals(w)
+        sh.add_window(self.totals, w)
         if not w["sampled"] and not w["compared"]:
             return  # no traffic, nothing to say
         m = self.candidate.manifest
@@ -163,16 +163,6 @@ class ShadowRunner:
             self.emit(record)
         except Exception:
             log.exception("shadow: a window could not be recorded")
-
-    def _add_to_totals(self, w: dict) -> None:
-        t = self.totals
-        for k in sh.COUNTS:
-            t[k] = t.get(k, 0) + int(w.get(k) or 0)
-        t["cosine_sum"] = t.get("cosine_sum", 0.0) + w["cosine_sum"]
-        if w["cosine_min"] is not None:
-            t["cosine_min"] = w["cosine_min"] if t.get("cosine_min") is None else min(t["cosine_min"], w["cosine_min"])
-        t["active_ms"] = sh.add_counts(t.get("active_ms", {}), w["active_ms"])
-        t["shadow_ms"] = sh.add_counts(t.get("shadow_ms", {}), w["shadow_ms"])
 
     def status(self) -> dict:
         return {"rollout": self.rollout, "sample": self.sample, "shadow_version": self.candidate.version,

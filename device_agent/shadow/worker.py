@@ -74,12 +74,7 @@ def main(argv=None) -> int:
                     w["first_error"] = first_line(getattr(exc, "message", None) or str(exc), 300)
                 continue
             w["compared"] += 1
-            for k in ("rows", "agreed", "cosine_n"):
-                w[k] += found[k]
-            w["cosine_sum"] += found["cosine_sum"]
-            if found["cosine_min"] is not None:
-                w["cosine_min"] = found["cosine_min"] if w["cosine_min"] is None else min(w["cosine_min"],
-                                                                                         found["cosine_min"])
+            sh.add_window(w, found)
             for key, ms in (("active_ms", active_ms), ("shadow_ms", shadow_ms)):
                 if ms is not None:
                     b = str(sh.bucket(ms))

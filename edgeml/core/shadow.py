@@ -93,21 +93,28 @@ def _cosine(out: dict, value: float) -> None:
     out["cosine_min"] = value if out["cosine_min"] is None else min(out["cosine_min"], value)
 
 
+def add_window(into: dict, window: dict) -> dict:
+    """``into`` += ``window``: the counts, the cosines and both latency buckets of a shadow window
+    (or of one comparison, ``compare``'s result); missing fields count as none."""
+    for k in COUNTS:
+        into[k] = into.get(k, 0) + int(window.get(k) or 0)
+    into["cosine_sum"] = into.get("cosine_sum", 0.0) + float(window.get("cosine_sum") or 0.0)
+    low = window.get("cosine_min")
+    into["cosine_min"] = into.get("cosine_min") if low is None else (
+        low if into.get("cosine_min") is None else min(into["cosine_min"], low))
+    into["active_ms"] = add_counts(into.get("active_ms", {}), window.get("active_ms"))
+    into["shadow_ms"] = add_counts(into.get("shadow_ms", {}), window.get("shadow_ms"))
+    return into
+
+
 def summarize(records: Iterable[dict]) -> dict:
     """Add up shadow window records (of one device, a version or a fleet) and read them:
     agreement, latencies of both models on the same requests, errors and drops."""
-    total = {k: 0 for k in COUNTS}
-    total.update(cosine_sum=0.0, cosine_min=None, active_ms={}, shadow_ms={}, windows=0, first=None, last=None)
+    total = {"windows": 0, "first": None, "last": None}
+    add_window(total, {})
     for r in records:
         total["windows"] += 1
-        for k in COUNTS:
-            total[k] += int(r.get(k) or 0)
-        total["cosine_sum"] += float(r.get("cosine_sum") or 0.0)
-        if r.get("cosine_min") is not None:
-            total["cosine_min"] = r["cosine_min"] if total["cosine_min"] is None else min(total["cosine_min"],
-                                                                                           r["cosine_min"])
-        add_counts(total["active_ms"], r.get("active_ms"))
-        add_counts(total["shadow_ms"], r.get("shadow_ms"))
+        add_window(total, r)
         ts = r.get("ts")
         if isinstance(ts, (int, float)):
             total["first"] = ts if total["first"] is None else min(total["first"], ts)
