@@ -89,9 +89,28 @@ class RunnerPool:
             self._free.put(inst)
 
     def run(self, feed: Dict[str, np.ndarray]) -> Tuple[Dict[str, np.ndarray], float]:
-        """Run ``feed`` on the first free instance: outputs and the model's milliseconds."""
+        """Run ``feed`` on the first free instance: outputs and the model's milliseconds (quantizing
+        and dequantizing included, waiting for an instance not).
+
+        An instance is held only while the runtime computes: inputs are quantized before one is
+        taken and outputs dequantized after it is back (the specs are every instance's), so
+        another request's runtime call never waits on this one's numpy work. Measured on
+        MobileNetV2 at 16 clients with one instance: quantizing inside the hold, under contention
+        for the interpreter lock, took 0.6 ms of each 4.3 ms the instance was held."""
+        runner = self.first
+        started = time.perf_counter()
+        args = runner.encode(feed)
+        spent = time.perf_counter() - started
         with self.instance() as inst:
-            return inst.run(feed)
+            started = time.perf_counter()
+            try:
+                raw = inst.runner.invoke(args)
+            finally:
+                inst.runs += 1
+                spent += time.perf_counter() - started
+        started = time.perf_counter()
+        out = runner.decode(raw)
+        return out, (spent + time.perf_counter() - started) * 1000.0
 
     def busy(self) -> int:
         return self.size - self._free.qsize()

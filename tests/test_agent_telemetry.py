@@ -186,6 +186,32 @@ def expect_same_as_baseline(summary: dict, x: np.ndarray) -> None:
         np.testing.assert_allclose(summary[key], [c[key] for c in baseline["channels"]], rtol=1e-9, atol=1e-12)
 
 
+@pytest.mark.parametrize("behind", [False, True])
+def test_recorder_statistics_off_the_request_path(tmp_path, monkeypatch, behind):
+    """Input statistics are made on the telemetry thread from a copy taken during the request: an
+    app reusing its input buffer once answered does not change them, and when the thread is
+    behind (its byte bound reached) requests make their own, so none is left out."""
+    from device_agent.telemetry import recorder
+
+    if behind:
+        monkeypatch.setattr(recorder, "MAX_SAMPLED_BYTES", 0)
+    q = TelemetryQueue(tmp_path / "telemetry.db")
+    rec = Recorder(q, "cam", 1, stats_window_s=60, system_interval_s=60, data_dir=tmp_path)
+    rng = np.random.default_rng(1)
+    sent, buffer = [], np.empty((1, 64, 64, 3), np.float32)
+    for i in range(40):
+        buffer[:] = rng.normal(i, 1.0 + i % 3, buffer.shape)  # one buffer, refilled for every request
+        sent.append(buffer.copy())
+        rec.inference("cam", 1, 1.0, {"image": buffer}, {"y": np.array([[0.2, 0.8]])})
+        assert (rec._sampled_bytes == 0) if behind else True  # behind: nothing waits for the thread
+    buffer[:] = np.nan  # what the app does with its buffer afterwards is not what it sent
+    rec.close()
+    stats = [r for r in all_records(q) if r["kind"] == "input_stats"]
+    assert len(stats) == 1 and stats[0]["count"] == 40
+    expect_same_as_baseline(stats[0]["inputs"]["image"], np.concatenate(sent))  # 4,096 values a channel: all read
+    q.close()
+
+
 def test_recorder_flushes_within_100ms(tmp_path):
     q = TelemetryQueue(tmp_path / "telemetry.db")
     rec = Recorder(q, "digits", 3)

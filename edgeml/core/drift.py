@@ -54,8 +54,9 @@ def count(columns: np.ndarray, edges: np.ndarray) -> np.ndarray:
         # a binary search per value, feature by feature: 5x faster than comparing every value with
         # every edge (0.42 -> 0.08 ms for 4,096 values x 3 channels), the same counts
         out = np.empty((features, width + 1), np.int64)
+        rows = np.ascontiguousarray(columns.T)  # each feature's values in a row, not at a stride
         for f in range(features):
-            c = columns[:, f]
+            c = rows[f]
             out[f] = np.bincount(np.searchsorted(edges[f], c[np.isfinite(c)], side="left"), minlength=width + 1)
         return out
     finite = np.isfinite(columns)
@@ -146,7 +147,8 @@ def confidence(y: np.ndarray) -> Optional[np.ndarray]:
     y = y[finite]
     if len(y) == 0:
         return np.zeros(0)
-    probs = y.min() >= 0 and y.max() <= 1 and np.allclose(y.sum(axis=1), 1.0, atol=1e-3)
+    # np.allclose(sums, 1, atol=1e-3) spelled out: the same test, without its 30 us of machinery
+    probs = y.min() >= 0 and y.max() <= 1 and float(np.abs(y.sum(axis=1) - 1.0).max()) <= 1e-3 + 1e-5
     if not probs:
         z = np.exp(y - y.max(axis=1, keepdims=True))
         y = z / z.sum(axis=1, keepdims=True)
