@@ -22,10 +22,15 @@ Labels = Tuple[Tuple[str, str], ...]
 Sample = Tuple[Dict[str, str], float]
 
 
+_VALID_LABELS = set()  # names already checked: every request updates metrics, the names are few
+
+
 def _labels(labels: Dict[str, object]) -> Labels:
     for key in labels:
-        if not _LABEL_RE.match(key) or key.startswith("__"):
-            raise ValueError(f"{key!r} is not a valid Prometheus label name")
+        if key not in _VALID_LABELS:
+            if not _LABEL_RE.match(key) or key.startswith("__"):
+                raise ValueError(f"{key!r} is not a valid Prometheus label name")
+            _VALID_LABELS.add(key)
     return tuple(sorted((k, str(v)) for k, v in labels.items()))
 
 

@@ -67,7 +67,8 @@ def split_body(body: bytes, header_length: Optional[str]) -> Tuple[dict, bytes]:
         if not 0 <= n <= len(body):
             raise RequestError(400, f"Inference-Header-Content-Length {header_length[:30]!r} does not fit "
                                     f"a body of {len(body)} bytes")
-        json_part, binary = body[:n], body[n:]
+        # views, not copies: the tensors are read straight out of the request's buffer
+        json_part, binary = bytes(memoryview(body)[:n]), memoryview(body)[n:]
     try:
         request = json.loads(json_part)
     except (UnicodeDecodeError, ValueError) as exc:
