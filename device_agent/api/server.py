@@ -531,7 +531,7 @@ class _Handler(BaseHTTPRequestHandler):
         Read into one buffer of the announced size: first what the header parsing left buffered,
         then straight from the socket. Reading chunks through the buffered reader allocated a
         megabyte per chunk and copied the body twice more (joining, splitting off the JSON):
-        1.3 ms of CPU for a 600 KB image, against 0.2 ms this way (measured on a socket pair)."""
+        reading and splitting a 600 KB image took 196 us in the agent, 122 us this way (median, one client)."""
         body = bytearray(size)
         view, got = memoryview(body), 0
         while got < size:
