@@ -378,18 +378,146 @@ def with_wrk(artifact: Path, pub: Path, model: str, x: np.ndarray, work: Path) -
                           + "".join(f'wrk.headers["{k}"] = "{v}"\n' for k, v in headers.items()))
         for clients in CLIENTS:
             print(f"  {model}, {label}, {clients} wrk connections ...", file=sys.stderr, flush=True)
+            cpu = agent_cpu_seconds(proc.process.pid)
             r = subprocess.run(["wrk", "-t", "1", "-c", str(clients), "-d", f"{SECONDS:.0f}s", "--latency", "-s",
                                 str(script), f"http://127.0.0.1:{proc.port}/v2/models/{model}/infer"],
                                capture_output=True, text=True, timeout=120)
+            cpu = agent_cpu_seconds(proc.process.pid) - cpu
             rps = float(re.search(r"Requests/sec:\s+([\d.]+)", r.stdout).group(1))
             bad = re.search(r"Non-2xx or 3xx responses: (\d+)", r.stdout)
             errors = re.search(r"Socket errors: (.*)", r.stdout)
             out[f"{model} | {label} | {clients}"] = {
                 "throughput_rps": rps, "p50": re.search(r"^\s+50%\s+(\S+)", r.stdout, re.M).group(1),
                 "p99": re.search(r"^\s+99%\s+(\S+)", r.stdout, re.M).group(1),
-                "errors": int(bad.group(1)) if bad else 0, "socket_errors": errors.group(1) if errors else None}
+                "errors": int(bad.group(1)) if bad else 0, "socket_errors": errors.group(1) if errors else None,
+                "agent_cpu_ms_per_request": cpu * 1000 / max(1.0, rps * SECONDS), "agent_cores": cpu / SECONDS}
         proc.terminate()
     return out
+
+
+class RawClient:
+    """The lightest HTTP client there is: one kept-alive socket, the request's bytes built once, the
+    response read by its Content-Length. What it measures is the agent (and the loopback), not a
+    client library: http.client costs about 0.15 ms a request by itself here."""
+
+    def __init__(self, port: int, path: str, body: bytes, headers: dict):
+        import socket
+
+        head = f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: {len(body)}\r\n"
+        self.request = (head + "".join(f"{k}: {v}\r\n" for k, v in headers.items()) + "\r\n").encode() + body
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=30)
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    def __call__(self) -> None:
+        self.sock.sendall(self.request)
+        data = b""
+        while b"\r\n\r\n" not in data:
+            chunk = self.sock.recv(1 << 16)
+            if not chunk:
+                raise ConnectionError("the agent closed the connection")
+            data += chunk
+        head, _, body = data.partition(b"\r\n\r\n")
+        if not head.startswith(b"HTTP/1.1 200"):
+            raise RuntimeError(head.decode("latin-1")[:200])
+        at = head.index(b"Content-Length: ") + 16
+        size = int(head[at:head.index(b"\r\n", at)])
+        while len(body) < size:
+            body += self.sock.recv(1 << 16)
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def http_overhead(artifact: Path, pub: Path, x: np.ndarray, work: Path, rounds: int = 3, n: int = 5000) -> dict:
+    """What HTTP adds to a digits request, one client: the agent in-process (validation, the model,
+    the durable telemetry record, health and drift hand-over) against the same agent process over
+    HTTP, with the raw-socket client and with http.client. Rounds alternate between the paths
+    (this machine's speed drifts by 10% between runs); each figure is the median of the rounds'
+    p50s."""
+    from device_agent.config import load_config
+    from device_agent.daemon import Agent
+    from edgeml.core.artifact import read_artifact
+    from edgeml.core.runtime import load_runner
+
+    one = x[:1]
+    runner = load_runner(read_artifact(artifact).model, "tflite", num_threads=1)
+    agent = Agent(load_config(None, dict(artifact=artifact, public_key=pub, data_dir=work / "overhead-inproc",
+                                         device_id="bench", api="off"))).start()
+    proc = AgentProcess(artifact, pub, work / "overhead-http", device="bench", fleet=None).start()
+    output = json.loads(proc.get("/v2/models/digits")[1])["outputs"][0]["name"]
+    body, headers = binary_request("digits", one, output)
+    raw = RawClient(proc.port, "/v2/models/digits/infer", body, headers)
+    import http.client
+
+    conn = http.client.HTTPConnection("127.0.0.1", proc.port, timeout=30)
+
+    def stdlib_call():
+        conn.request("POST", "/v2/models/digits/infer", body, headers)
+        response = conn.getresponse()
+        response.read()
+        assert response.status == 200
+
+    paths = {"interpreter": lambda: runner.run({"image": one}), "agent in-process": lambda: agent.infer({"image": one}),
+             "HTTP, raw-socket client": raw, "HTTP, http.client": stdlib_call}
+    runs = {name: [] for name in paths}
+    try:
+        for _ in range(rounds):
+            for name, call in paths.items():
+                runs[name].append(timed(call, n, warmup=500))
+    finally:
+        raw.close()
+        agent.stop()
+        proc.terminate()
+    return {name: {"p50_ms": statistics.median(r["p50_ms"] for r in rs),
+                   "p99_ms": statistics.median(r["p99_ms"] for r in rs), "rounds": [r["p50_ms"] for r in rs]}
+            for name, rs in runs.items()}
+
+
+def instance_scaling(artifact: Path, pub: Path, x: np.ndarray, seconds: float = 5.0) -> dict:
+    """MobileNetV2 without HTTP: runs per second on one runner and on two from two threads (the
+    bare runtime's ceiling on these cores), and through ``ModelService`` with one instance (from one
+    thread and from two) and with two (validation, quantizing, the pool). Shows what instances give
+    when nothing else needs the cores."""
+    from device_agent.serving import ModelService
+    from device_agent.verifier import read_verified
+    from edgeml.core.runtime import load_runner
+
+    image = {"image": x[:1]}
+    out = {}
+
+    def rate(calls) -> float:
+        done, stop = [0] * len(calls), time.perf_counter() + seconds
+
+        def loop(i):
+            while time.perf_counter() < stop:
+                calls[i]()
+                done[i] += 1
+
+        threads = [threading.Thread(target=loop, args=(i,)) for i in range(len(calls))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        return sum(done) / seconds
+
+    verified = read_verified(artifact, pub)
+    runners = [load_runner(verified.model, "tflite", num_threads=1) for _ in range(2)]
+    for r in runners:
+        for _ in range(5):
+            r.run(image)
+    out["bare runtime, 1 interpreter, 1 thread"] = rate([lambda: runners[0].run(image)])
+    out["bare runtime, 2 interpreters, 2 threads"] = rate([lambda: runners[0].run(image), lambda: runners[1].run(image)])
+    one = ModelService.load(artifact, pub, instances=1)
+    out["ModelService, 1 instance, 1 thread"] = rate([lambda: one.infer(image)])
+    out["ModelService, 1 instance, 2 threads"] = rate([lambda: one.infer(image)] * 2)
+    two = ModelService.load(artifact, pub, instances=2)
+    out["ModelService, 2 instances, 2 threads"] = rate([lambda: two.infer(image)] * 2)
+    return out
+
+
+def agent_cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def security_and_cache(artifact: Path, pub: Path, x: np.ndarray, work: Path) -> dict:
@@ -442,15 +570,43 @@ def serving_lines(r: dict) -> list:
     if r.get("wrk"):
         w = r["wrk"]
         lines += ["", f"## MobileNetV2 loaded by `wrk` (one C thread, {SECONDS:.0f} s per point, same request)", "",
-                  "| config | connections | requests/s | p50 | p99 | errors |", "|---|---:|---:|---:|---:|---:|"]
+                  "| config | connections | requests/s | p50 | p99 | errors | agent CPU per request | agent cores busy |",
+                  "|---|---:|---:|---:|---:|---:|---:|---:|"]
         for key, v in w.items():
             _, label, clients = key.split(" | ")
             lines.append(f"| {label} | {clients} | {v['throughput_rps']:,.0f} | {v['p50']} | {v['p99']} | "
-                         f"{v['errors']} |")
+                         f"{v['errors']} | {v.get('agent_cpu_ms_per_request', float('nan')):.2f} ms | "
+                         f"{v.get('agent_cores', float('nan')):.2f} |")
         one, two = w.get("mobilenet | 1 instance | 16"), w.get("mobilenet | 2 instances | 16")
         if one and two:
             lines.append(f"\nWith `wrk` at 16 connections: 2 instances give "
                          f"{two['throughput_rps'] / one['throughput_rps']:.2f}x the throughput of one.")
+            if "agent_cpu_ms_per_request" in two:
+                bound = 2000.0 / two["agent_cpu_ms_per_request"]
+                lines.append(f"Each request costs the agent {two['agent_cpu_ms_per_request']:.2f} ms of CPU with 2 "
+                             f"instances, so two cores can serve at most {bound:,.0f} requests/s even with nothing "
+                             f"else running (not the load generator, not the kernel's side of the loopback): "
+                             f"{bound / one['throughput_rps']:.2f}x the single instance's "
+                             f"{one['throughput_rps']:,.0f}.")
+    if r.get("instances"):
+        inst = r["instances"]
+        lines += ["", "## MobileNetV2 without HTTP (5 s each; `vs one`: against the best single runner of the group)", "",
+                  "| runs on | runs/s | vs one |", "|---|---:|---:|"]
+        for label, rate in inst.items():
+            group = label.split(",")[0]
+            base = max(v for k, v in inst.items() if k.startswith(group) and " 1 " in k)
+            lines.append(f"| {label} | {rate:,.0f} | {rate / base:.2f}x |")
+    if r.get("http_overhead"):
+        o = r["http_overhead"]
+        base = o["interpreter"]["p50_ms"]
+        lines += ["", "## What HTTP adds: the digits model, one client, kept-alive, binary tensors "
+                  "(median of 3 alternating rounds of 5,000 requests)", "",
+                  "| path | p50 ms | p99 ms | p50 over the interpreter |", "|---|---:|---:|---:|"]
+        lines += [f"| {k} | {v['p50_ms']:.3f} | {v['p99_ms']:.3f} | +{v['p50_ms'] - base:.3f} ms |" for k, v in o.items()]
+        http = o["HTTP, raw-socket client"]["p50_ms"] - o["agent in-process"]["p50_ms"]
+        lines.append(f"\nHTTP overhead (raw-socket client p50 minus in-process p50): {http:.3f} ms (target <= 0.2 ms). "
+                     f"Everything the agent adds over the bare interpreter, over HTTP: "
+                     f"{o['HTTP, raw-socket client']['p50_ms'] - base:.3f} ms.")
     if "security" in r:
         lines += ["", "## One client on the digits model: the token check, TLS, a cache hit", "",
                   "| case | p50 ms | p99 ms | requests/s |", "|---|---:|---:|---:|"]
@@ -503,6 +659,8 @@ def main() -> None:
         results = {"stamp": time.strftime("%Y-%m-%d %H:%M", time.gmtime()),
                    "serving": serving({"digits": (artifact, x), "mobilenet": (mobilenet, image)}, pub, work),
                    "wrk": with_wrk(mobilenet, pub, "mobilenet", image, work),
+                   "instances": instance_scaling(mobilenet, pub, image),
+                   "http_overhead": http_overhead(artifact, pub, x, work),
                    "security": security_and_cache(artifact, pub, x, work)}
         text = report_serving(results)
         args.out.mkdir(parents=True, exist_ok=True)
