@@ -157,3 +157,40 @@ def test_health_counts_what_the_model_failed_on_not_what_the_client_got_wrong():
     h.inference("m", 2, 1.0, {}, {"out": np.zeros((1, 3), np.float32)}, run_ms=0.5)
     f = h.figures(2)
     assert f["requests"] == 3 and f["errors"] == 2
+
+
+def test_health_keeps_the_last_requests_in_order_across_the_ring():
+    """The monitor keeps its last ``keep`` requests: figures over a version, a time and the last N
+    are those of a plain list of the same requests, after the ring has wrapped around."""
+    from device_agent.updates import HealthMonitor
+
+    h = HealthMonitor(keep=7)
+    h.version = 1
+    kept = []  # what a plain list of the last 7 would hold: (version, latency, failed, nan, top1)
+    rng = np.random.default_rng(3)
+    for i in range(19):
+        version = 1 if i < 9 else 2
+        h.version = version
+        if i % 5 == 4:
+            h.error("m", 500, "boom", 9.0 + i)
+            kept.append((version, 9.0 + i, True, False, None))
+        else:
+            scores = rng.random((1, 4)).astype(np.float32)
+            if i % 6 == 0:
+                scores[0, 1] = np.nan
+            h.inference("m", version, 100.0, {}, {"out": scores}, run_ms=float(i))
+            finite = np.where(np.isfinite(scores[0]), scores[0], -np.inf)
+            kept.append((version, float(i), False, i % 6 == 0, int(np.argmax(finite))))
+        kept = kept[-7:]
+    for version, last in ((2, None), (2, 3), (1, None)):
+        rows = [r for r in kept if r[0] == version]
+        rows = rows[-last:] if last else rows
+        served = [r for r in rows if not r[2]]
+        f = h.figures(version, last=last)
+        classes = {}
+        for r in served:
+            classes[r[4]] = classes.get(r[4], 0) + 1
+        assert f["requests"] == len(rows) and f["errors"] == len(rows) - len(served)
+        assert f["latency_p95_ms"] == (float(np.percentile([r[1] for r in served], 95)) if served else None)
+        assert f["nan_outputs"] == sum(r[3] for r in served) and f["classes"] == classes
+    assert h.figures(2, since=time.monotonic() + 1)["requests"] == 0

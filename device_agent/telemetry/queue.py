@@ -67,6 +67,7 @@ class TelemetryQueue:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.execute("PRAGMA journal_size_limit=4194304")  # the WAL shrinks back after checkpoints
+        self._db.execute("PRAGMA cache_size=-512")  # KiB; appends and oldest-first reads need few pages, RSS counts
         self._db.executescript(_SCHEMA)
         self.epoch = f"{self._epoch():016x}"
         self._ceiling = self._meta("seq_ceiling")
