@@ -455,6 +455,31 @@ def _echo_server(port_queue) -> None:
             conn.sendall(reply)
 
 
+def _http_clients(pipe, agent_port: int, echo_port: int, body: bytes, headers: dict) -> None:
+    """A clean process timing HTTP requests on demand: ("raw" | "stdlib" | "echo", n) -> percentiles."""
+    import http.client
+
+    raw = RawClient(agent_port, "/v2/models/digits/infer", body, headers)
+    echo = RawClient(echo_port, "/", body, headers)
+    conn = http.client.HTTPConnection("127.0.0.1", agent_port, timeout=30)
+
+    def stdlib_call():
+        conn.request("POST", "/v2/models/digits/infer", body, headers)
+        response = conn.getresponse()
+        response.read()
+        assert response.status == 200
+
+    calls = {"raw": raw, "stdlib": stdlib_call, "echo": echo}
+    while True:
+        order = pipe.recv()
+        if order is None:
+            break
+        kind, n = order
+        pipe.send(timed(calls[kind], n, warmup=500))
+    raw.close()
+    echo.close()
+
+
 def http_overhead(artifact: Path, pub: Path, x: np.ndarray, work: Path, rounds: int = 3, n: int = 5000) -> dict:
     """What HTTP adds to a digits request, one client: the agent in-process (validation, the model,
     the durable telemetry record, health and drift hand-over) against the same agent process over
@@ -473,35 +498,37 @@ def http_overhead(artifact: Path, pub: Path, x: np.ndarray, work: Path, rounds: 
     proc = AgentProcess(artifact, pub, work / "overhead-http", device="bench", fleet=None).start()
     output = json.loads(proc.get("/v2/models/digits")[1])["outputs"][0]["name"]
     body, headers = binary_request("digits", one, output)
-    raw = RawClient(proc.port, "/v2/models/digits/infer", body, headers)
-    import http.client
-
-    conn = http.client.HTTPConnection("127.0.0.1", proc.port, timeout=30)
-
-    def stdlib_call():
-        conn.request("POST", "/v2/models/digits/infer", body, headers)
-        response = conn.getresponse()
-        response.read()
-        assert response.status == 200
-
     import multiprocessing
 
+    # the HTTP clients run in a process of their own: this one holds TensorFlow, the in-process
+    # agent and its threads, which slowed a client here by 0.1 ms a request
     ctx = multiprocessing.get_context("spawn")
     ports = ctx.Queue()
     echo_proc = ctx.Process(target=_echo_server, args=(ports,), daemon=True)
     echo_proc.start()
-    echo = RawClient(ports.get(timeout=60), "/", body, headers)
-    paths = {"interpreter": lambda: runner.run({"image": one}), "agent in-process": lambda: agent.infer({"image": one}),
-             "HTTP, raw-socket client": raw, "HTTP, http.client": stdlib_call,
-             "loopback round trip alone (a process answering at once)": echo}
+    here, there = ctx.Pipe()
+    client = ctx.Process(target=_http_clients, args=(there, proc.port, ports.get(timeout=60), body, headers),
+                         daemon=True)
+    client.start()
+
+    def remote(kind):
+        def measure():
+            here.send((kind, n))
+            return here.recv()
+        return measure
+
+    local = {"interpreter": lambda: runner.run({"image": one}), "agent in-process": lambda: agent.infer({"image": one})}
+    paths = {**{name: (lambda call=call: timed(call, n, warmup=500)) for name, call in local.items()},
+             "HTTP, raw-socket client": remote("raw"), "HTTP, http.client": remote("stdlib"),
+             "loopback round trip alone (a process answering at once)": remote("echo")}
     runs = {name: [] for name in paths}
     try:
         for _ in range(rounds):
-            for name, call in paths.items():
-                runs[name].append(timed(call, n, warmup=500))
+            for name, measure in paths.items():
+                runs[name].append(measure())
     finally:
-        raw.close()
-        echo.close()
+        here.send(None)
+        client.join(30)
         echo_proc.join(10)
         agent.stop()
         proc.terminate()

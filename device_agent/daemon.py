@@ -274,7 +274,8 @@ class Agent:
     def _sink(self):
         from .updates import Tee
 
-        return Tee(*(s for s in (self.recorder, self.monitor, self.drift, self.shadow) if s is not None))
+        # the recorder's record is durable and goes before a response; the others keep memory only
+        return Tee(self.recorder, later=(s for s in (self.monitor, self.drift, self.shadow) if s is not None))
 
     def _drift(self, c: AgentConfig, service=None):
         if not c.drift:

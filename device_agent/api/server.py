@@ -463,12 +463,16 @@ class _Handler(BaseHTTPRequestHandler):
             feedback.keep(reply["id"], inputs, outputs)
         body, header_length = encode_outputs(reply, outputs, wanted or {}, default_binary)
         seconds = time.perf_counter() - self._started
-        report_safely(self._sink.inference, service.name, service.version, seconds * 1000.0, inputs, outputs,
-                      service.last_run_ms())
-        self._api.record(service.name, 200, seconds)
+        report = (service.name, service.version, seconds * 1000.0, inputs, outputs, service.last_run_ms())
+        sink = self._sink
+        after = getattr(sink, "inference_after", None)  # a Tee: what keeps memory only waits for the response
+        report_safely(sink.inference_before if after is not None else sink.inference, *report)
         headers = {} if header_length is None else {"Inference-Header-Content-Length": str(header_length)}
         kind = "application/json" if header_length is None else "application/octet-stream"
         self._send(200, body, kind, headers)
+        self._api.record(service.name, 200, seconds)
+        if after is not None:
+            report_safely(after, *report)
 
     def _feedback(self):
         """``{"id": "...", "label": 3}`` (or a list, one class id per sample of that request)."""

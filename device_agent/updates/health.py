@@ -137,19 +137,32 @@ def reference_figures(monitor: HealthMonitor, version: int, selftest_latency_ms:
 
 class Tee:
     """One TelemetrySink that hands every call to several (the recorder, the health monitor); one
-    failing does not keep the call from the others."""
+    failing does not keep the call from the others.
 
-    def __init__(self, *sinks):
+    ``later`` sinks keep only memory (health, drift, the shadow's sample): the HTTP API reports a
+    served request to them after its response is out (``inference_before`` / ``inference_after``),
+    so the client does not wait for them; the durable recorder is told before, as its record must
+    be committed before the response. ``inference`` tells them all, in that order."""
+
+    def __init__(self, *sinks, later=()):
         self.sinks = sinks
+        self.later = tuple(later)
 
     def inference(self, *args) -> None:
-        self._each("inference", args)  # run_ms travels positionally
+        self._each(self.sinks + self.later, "inference", args)  # run_ms travels positionally
+
+    def inference_before(self, *args) -> None:
+        self._each(self.sinks, "inference", args)
+
+    def inference_after(self, *args) -> None:
+        self._each(self.later, "inference", args)
 
     def error(self, *args) -> None:
-        self._each("error", args)
+        self._each(self.sinks + self.later, "error", args)
 
-    def _each(self, method: str, args) -> None:
-        for sink in self.sinks:
+    @staticmethod
+    def _each(sinks, method: str, args) -> None:
+        for sink in sinks:
             try:
                 getattr(sink, method)(*args)
             except Exception:  # telemetry must never fail a request
