@@ -37,11 +37,17 @@ class Instance:
         """Run one batch; the outputs and the milliseconds the model took. Only the thread holding
         this instance (``RunnerPool.instance()``) may call it."""
         started = time.perf_counter()
+        raw, _ = self.invoke(self.runner.encode(feed))
+        return self.runner.decode(raw), (time.perf_counter() - started) * 1000.0
+
+    def invoke(self, args: Dict[str, np.ndarray]) -> Tuple[Dict[str, np.ndarray], float]:
+        """The runtime's call alone (inputs already encoded): what it returned and its seconds.
+        Only the thread holding this instance may call it."""
+        started = time.perf_counter()
         try:
-            result = self.runner.run(feed)
+            return self.runner.invoke(args), time.perf_counter() - started
         finally:
             self.runs += 1  # failed runs too: the instance was busy with them
-        return result, (time.perf_counter() - started) * 1000.0
 
 
 class RunnerPool:
@@ -102,12 +108,8 @@ class RunnerPool:
         args = runner.encode(feed)
         spent = time.perf_counter() - started
         with self.instance() as inst:
-            started = time.perf_counter()
-            try:
-                raw = inst.runner.invoke(args)
-            finally:
-                inst.runs += 1
-                spent += time.perf_counter() - started
+            raw, seconds = inst.invoke(args)
+        spent += seconds
         started = time.perf_counter()
         out = runner.decode(raw)
         return out, (spent + time.perf_counter() - started) * 1000.0

@@ -121,13 +121,6 @@ class TelemetryQueue:
         """Insert, drop the oldest when over the bound, all in one transaction."""
         last = rows[-1][0] + 1  # +1: the `dropped` record this append may write
         raise_ceiling = last > self._ceiling
-        added = sum(row[4] for row in rows)
-        if len(rows) == 1 and not raise_ceiling and self._bytes + added <= self.max_bytes:
-            # the common case (a request's record, below the ceiling and the bound): one
-            # statement is its own transaction, a third of the calls of BEGIN/INSERT/COMMIT
-            self._db.execute("INSERT INTO records (seq, ts, kind, body, size) VALUES (?, ?, ?, ?, ?)", rows[0])
-            self._next_seq, self._records, self._bytes = last, self._records + 1, self._bytes + added
-            return
         if raise_ceiling:  # this commit hands out numbers above the durable ceiling: fsync it
             self._db.execute("PRAGMA synchronous=FULL")
         try:
@@ -136,6 +129,7 @@ class TelemetryQueue:
                 self._db.executemany("INSERT INTO records (seq, ts, kind, body, size) VALUES (?, ?, ?, ?, ?)", rows)
                 if raise_ceiling:
                     self._set_meta("seq_ceiling", last + SEQ_BLOCK)
+                added = sum(row[4] for row in rows)
                 excess = self._bytes + added - (self.max_bytes - DROPPED_ROOM)
                 drop = self._drop_oldest(excess, last) if self._bytes + added > self.max_bytes else None
                 self._db.execute("COMMIT")

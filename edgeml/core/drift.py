@@ -123,10 +123,10 @@ def scores(expected: np.ndarray, actual: np.ndarray) -> Dict[str, np.ndarray]:
             "p": p_value(expected, actual)}
 
 
-def histogram_of(x: np.ndarray, axis: Optional[int], edges: np.ndarray, max_values: int = 4096) -> np.ndarray:
-    """Counts of one batch [N, ...] per channel (``axis`` of a sample, None: the whole tensor as
-    one feature), with at most ``max_values`` values per channel taken at an even stride, so a
-    large image costs the same as a small one."""
+def strided_columns(x: np.ndarray, axis: Optional[int], max_values: int = 4096) -> np.ndarray:
+    """A batch [N, ...] as columns [values, channels] (``axis`` of a sample, None: the whole tensor
+    as one feature), at most ``max_values`` values per channel taken at an even stride, so a large
+    image costs the same as a small one. A view where numpy can make one."""
     x = np.asarray(x)
     if axis is None:
         columns = x.reshape(-1, 1)
@@ -134,7 +134,12 @@ def histogram_of(x: np.ndarray, axis: Optional[int], edges: np.ndarray, max_valu
         columns = np.moveaxis(x, 1 + axis, -1).reshape(-1, x.shape[1 + axis])
     if len(columns) > max_values:
         columns = columns[:: -(-len(columns) // max_values)]
-    return count(columns, edges)
+    return columns
+
+
+def histogram_of(x: np.ndarray, axis: Optional[int], edges: np.ndarray, max_values: int = 4096) -> np.ndarray:
+    """Counts of one batch [N, ...] per channel, over ``strided_columns``."""
+    return count(strided_columns(x, axis, max_values), edges)
 
 
 def confidence(y: np.ndarray) -> Optional[np.ndarray]:

@@ -35,7 +35,7 @@ def quantize(x: np.ndarray, spec: TensorSpec) -> np.ndarray:
     info = np.iinfo(spec.dtype)
     with np.errstate(over="ignore"):  # values far out of range become inf, and clip to the extremes
         q = np.divide(x, np.float32(spec.scale), dtype=np.float32)
-        # in place: one float array, not four (a 224x224x3 image: 0.09 -> 0.06 ms)
+        # in place: one float array, not four (a 224x224x3 image: 0.085 -> 0.075 ms)
         np.round(q, out=q)
         q += np.float32(spec.zero_point)
         np.clip(q, info.min, info.max, out=q)
